@@ -1,0 +1,1 @@
+"""livevoice clients: a Python async client with a CLI, and the browser widget."""

@@ -1,0 +1,1 @@
+"""livevoice server: aiohttp app, sessions, voice store, models."""

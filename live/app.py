@@ -1,0 +1,150 @@
+"""The aiohttp application: app-wide services under typed keys, thin routes, cleanup on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import WSCloseCode, web
+
+from .metrics import Metrics
+from .session import Session
+from .settings import Settings
+from .speech import PiperEngine, SpeechEngine
+from .voices import Embedder, VoiceStore
+
+if TYPE_CHECKING:
+    from .redis_tier import RedisTier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Services:
+    """Everything a session needs, built once per app and closed on cleanup."""
+
+    settings: Settings
+    metrics: Metrics
+    store: VoiceStore
+    engine: SpeechEngine
+    tier: RedisTier | None = None
+    sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def authenticate(self, token: str | None) -> str:
+        """The tenant a token belongs to. Until tokens are configured everyone is one tenant."""
+        return "public"
+
+    async def aclose(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        await self.engine.aclose()
+        embedder_close = getattr(self.store.embedder, "aclose", None)
+        if embedder_close is not None:
+            await embedder_close()
+        if self.tier is not None:
+            await self.tier.aclose()
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+async def abuild_services(
+    settings: Settings,
+    *,
+    engine: SpeechEngine | None = None,
+    embedder: Embedder | None = None,
+) -> Services:
+    """Load the models (off the event loop) and connect the tiers the settings ask for."""
+    metrics = Metrics()
+    if embedder is None:
+        from .encoder import EncoderWorker, SpeakerEncoder
+
+        encoder = await asyncio.to_thread(SpeakerEncoder.load, device=settings.device)
+        embedder = EncoderWorker(encoder, max_batch=settings.encoder_max_batch)
+        log.info("speaker encoder %s on %s", encoder.encoder_id, encoder.device)
+    if engine is None:
+        engine = await asyncio.to_thread(
+            PiperEngine, workers=settings.tts_workers, use_cuda=settings.device == "cuda"
+        )
+        log.info("speech engine %s at %d Hz", engine.name, engine.sample_rate)
+    tier = None
+    if settings.redis_url:
+        from .redis_tier import RedisTier
+
+        tier = RedisTier(settings.redis_url, ttl_s=settings.embedding_ttl_s)
+    store = VoiceStore(embedder, l1_capacity=settings.l1_voices, tier=tier, metrics=metrics)
+    return Services(settings, metrics, store, engine, tier)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: SpeechEngine | None = None,
+    embedder: Embedder | None = None,
+) -> web.Application:
+    app = web.Application()
+
+    async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[SERVICES] = await abuild_services(settings, engine=engine, embedder=embedder)
+        yield
+        await app[SERVICES].aclose()
+
+    app.cleanup_ctx.append(services_ctx)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    services = request.app[SERVICES]
+    # PCM does not compress; deflating an 800 KB clip costs a client ~50 ms for nothing.
+    ws = web.WebSocketResponse(
+        max_msg_size=services.settings.limits.max_frame_bytes, compress=False, heartbeat=30.0
+    )
+    await ws.prepare(request)
+    services.sockets.add(ws)
+    try:
+        await Session(ws, services).arun()
+    finally:
+        services.sockets.discard(ws)
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body: dict[str, object] = {
+        "status": "ready",
+        "encoder": services.store.embedder.encoder_id,
+        "engine": services.engine.name,
+        "redis": "off" if services.tier is None else services.tier.breaker.state.value,
+    }
+    return web.json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return web.Response(
+        body=services.metrics.render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )

@@ -1,0 +1,68 @@
+"""Prometheus metrics, one registry per app so that several servers can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_MS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.lookups = Counter(
+            "livevoice_voice_lookups",
+            "Voice registrations by the tier that answered",
+            ["tier"],
+            registry=r,
+        )
+        self.lookup_seconds = Histogram(
+            "livevoice_voice_lookup_seconds",
+            "Server-side time to resolve a voice",
+            ["tier"],
+            buckets=_MS_BUCKETS,
+            registry=r,
+        )
+        self.encoder_calls = Counter(
+            "livevoice_encoder_calls", "Clips embedded by the speaker encoder", registry=r
+        )
+        self.encoder_seconds = Histogram(
+            "livevoice_encoder_seconds",
+            "Speaker encoder latency per clip (queue included)",
+            buckets=_MS_BUCKETS,
+            registry=r,
+        )
+        self.encoder_failures = Counter(
+            "livevoice_encoder_failures", "Encoder calls that raised", registry=r
+        )
+        self.redis_errors = Counter(
+            "livevoice_redis_errors", "Redis calls that failed or timed out", registry=r
+        )
+        self.redis_breaker_open = Gauge(
+            "livevoice_redis_breaker_open",
+            "1 while the Redis circuit breaker is not closed",
+            registry=r,
+        )
+        self.redis_used_memory = Gauge(
+            "livevoice_redis_used_memory_bytes", "Redis INFO used_memory, polled", registry=r
+        )
+        self.sessions = Gauge("livevoice_sessions_active", "Open WebSocket sessions", registry=r)
+        self.pinned_voices = Gauge(
+            "livevoice_pinned_voices", "Distinct voices pinned by live sessions", registry=r
+        )
+        self.messages = Counter(
+            "livevoice_messages", "Speak messages by outcome", ["outcome"], registry=r
+        )
+        self.ttfa_seconds = Histogram(
+            "livevoice_time_to_first_audio_seconds",
+            "From dequeue to first audio frame sent",
+            buckets=_MS_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "livevoice_protocol_errors", "Errors sent to clients by code", ["code"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

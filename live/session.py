@@ -1,0 +1,348 @@
+"""One WebSocket session: feeds frames to the sans-I/O protocol and acts on what it returns.
+
+The session owns three things: the protocol state, its speech queue, and the voice it pins.
+A reader coroutine handles frames in order; one speaker task speaks queued messages in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from protocol import AudioFrame, ClipUpload, LivevoiceError, ServerProtocol, encode
+from protocol.errors import HelloTimeout, InternalError, SynthesisFailed, VoiceFailed
+from protocol.messages import (
+    AudioEnd,
+    AudioStart,
+    Cancel,
+    Cancelled,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Queued,
+    Ready,
+    Speak,
+    VoiceReady,
+    VoiceRegister,
+    VoiceUse,
+)
+
+from .audio import canonicalize, to_s16le
+from .queue import SpeakJob, SpeechQueue
+from .speech import Resampler
+from .voices import ResolvedVoice
+
+if TYPE_CHECKING:
+    from .app import Services
+
+log = logging.getLogger(__name__)
+
+
+class SessionLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the session id."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session'] if self.extra else '?'}] {msg}", kwargs
+
+
+SAMPLE_RATES = (16000, 22050, 24000, 48000)
+
+
+class Session:
+    def __init__(self, ws: web.WebSocketResponse, services: Services) -> None:
+        self.ws = ws
+        self.services = services
+        self.id = uuid.uuid4().hex[:16]
+        self.log = SessionLog(log, {"session": self.id})
+        limits = services.settings.limits
+        self.protocol = ServerProtocol(
+            max_clip_bytes=limits.max_clip_bytes,
+            max_text_chars=limits.max_text_chars,
+            sample_rates=SAMPLE_RATES,
+        )
+        self.queue = SpeechQueue(limits.max_queue)
+        self.tenant = "public"
+        self._voice: asyncio.Future[ResolvedVoice] | None = None
+        self._pinned: ResolvedVoice | None = None
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._streams = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def arun(self) -> None:
+        speaker = asyncio.create_task(self._aspeak_forever(), name=f"speaker-{self.id}")
+        metrics = self.services.metrics
+        metrics.sessions.inc()
+        try:
+            await self._aread()
+        finally:
+            metrics.sessions.dec()
+            # Nothing keeps working for a socket that is gone.
+            self.queue.cancel(None)
+            speaker.cancel()
+            for task in self._tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await speaker
+            if self._pinned is not None:
+                self.services.store.unpin(self._pinned.fingerprint)
+            self.log.info("session closed")
+
+    async def _aread(self) -> None:
+        hello_deadline = time.monotonic() + self.services.settings.limits.hello_timeout_s
+        while not self.ws.closed:
+            timeout = None
+            if self.protocol.state.value == "await_hello":
+                timeout = max(0.0, hello_deadline - time.monotonic())
+            try:
+                msg = await self.ws.receive(timeout=timeout)
+            except TimeoutError:
+                await self._areject(HelloTimeout("no hello within the time limit"))
+                return
+            if msg.type is WSMsgType.TEXT:
+                await self._guard(self._aon_text(msg.data))
+            elif msg.type is WSMsgType.BINARY:
+                await self._guard(self._aon_binary(msg.data))
+            elif msg.type is WSMsgType.ERROR:
+                self.log.info("socket error: %s", self.ws.exception())
+                return
+            else:  # CLOSE, CLOSING, CLOSED
+                return
+
+    async def _guard(self, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except LivevoiceError as exc:
+            await self._areject(exc)
+        except Exception:
+            self.log.exception("unexpected error handling a frame")
+            await self._areject(InternalError("the server failed to handle this frame"))
+
+    async def _areject(self, exc: LivevoiceError) -> None:
+        self.services.metrics.errors.labels(exc.code).inc()
+        await self.asend(Error(code=exc.code, message=exc.message, id=exc.message_id))
+        if exc.close_code is not None:
+            await self.ws.close(code=exc.close_code, message=exc.code.encode())
+
+    async def asend(self, message: Message) -> None:
+        async with self._send_lock:
+            if not self.ws.closed:
+                await self.ws.send_str(encode(message))
+
+    async def _asend_bytes(self, data: bytes) -> None:
+        async with self._send_lock:
+            if not self.ws.closed:
+                await self.ws.send_bytes(data)
+
+    # --- dispatch ---------------------------------------------------------------------------
+    async def _aon_text(self, data: str) -> None:
+        message = self.protocol.receive_text(data)
+        if isinstance(message, Hello):
+            await self._ahello(message)
+        elif isinstance(message, Speak):
+            await self._aspeak(message)
+        elif isinstance(message, Cancel):
+            await self._acancel(message)
+        elif isinstance(message, VoiceUse):
+            self._start_voice(self._ause(message))
+        elif isinstance(message, Ping):
+            await self.asend(Pong(id=message.id))
+        elif isinstance(message, VoiceRegister):
+            pass  # the clip follows as the next frame
+
+    async def _aon_binary(self, data: bytes) -> None:
+        upload = self.protocol.receive_binary(data)
+        self._start_voice(self._aregister(upload))
+
+    async def _ahello(self, hello: Hello) -> None:
+        self.tenant = self.services.authenticate(hello.token)
+        self.log.info("hello from %s", (hello.client or "unnamed client")[:80])
+        settings = self.services.settings
+        await self.asend(
+            Ready(
+                session_id=self.id,
+                limits=settings.limits.to_wire(),
+                formats={
+                    "clip": ["wav", "flac", "ogg", "mp3"],
+                    "encoding": ["s16le"],
+                    "sample_rates": list(SAMPLE_RATES),
+                    "default_sample_rate": self.services.engine.sample_rate,
+                    "frame_ms": settings.frame_ms,
+                },
+            )
+        )
+
+    # --- voices -----------------------------------------------------------------------------
+    def _start_voice(self, work: Awaitable[ResolvedVoice]) -> None:
+        """Registration runs beside the reader; speaks accepted meanwhile wait for its voice."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._voice_landed)
+        self._voice = task
+
+    def _voice_landed(self, task: asyncio.Future[ResolvedVoice]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None and self._voice is task and self._pinned is None:
+            self.protocol.voice_lost()
+
+    async def _aregister(self, upload: ClipUpload) -> ResolvedVoice:
+        limits = self.services.settings.limits
+        start = time.perf_counter()
+        try:
+            clip = await asyncio.to_thread(
+                canonicalize, upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
+            )
+            resolved = await self.services.store.aresolve(clip)
+        except LivevoiceError as exc:
+            await self._areject(exc)
+            raise
+        record = self.services.store.remember(self.tenant, resolved, upload.register.name)
+        self._pin(resolved)
+        await self.asend(
+            VoiceReady(
+                voice_id=record.voice_id,
+                source=resolved.source.value,
+                ms=round((time.perf_counter() - start) * 1000, 3),
+                name=record.name,
+                duration_s=round(record.duration_s, 3),
+            )
+        )
+        self.log.info(
+            "voice %s pinned from %s in %.1f ms",
+            record.voice_id,
+            resolved.source.value,
+            resolved.seconds * 1000,
+        )
+        return resolved
+
+    async def _ause(self, use: VoiceUse) -> ResolvedVoice:
+        start = time.perf_counter()
+        try:
+            record, resolved = await self.services.store.ause(self.tenant, use.voice_id)
+        except LivevoiceError as exc:
+            await self._areject(exc)
+            raise
+        self._pin(resolved)
+        await self.asend(
+            VoiceReady(
+                voice_id=record.voice_id,
+                source=resolved.source.value,
+                ms=round((time.perf_counter() - start) * 1000, 3),
+                name=record.name,
+                duration_s=round(record.duration_s, 3),
+            )
+        )
+        return resolved
+
+    def _pin(self, resolved: ResolvedVoice) -> None:
+        store = self.services.store
+        store.pin(resolved.fingerprint)
+        if self._pinned is not None:
+            store.unpin(self._pinned.fingerprint)
+        self._pinned = resolved
+
+    # --- speech -----------------------------------------------------------------------------
+    async def _aspeak(self, speak: Speak) -> None:
+        assert self._voice is not None  # the protocol checked has_voice
+        self.queue.check(speak.id)
+        await self.asend(Queued(id=speak.id, position=self.queue.ahead_of_next()))
+        self.queue.put(SpeakJob(speak.id, speak.text, speak.sample_rate, self._voice))
+
+    async def _acancel(self, cancel: Cancel) -> None:
+        for job in self.queue.cancel(cancel.id):
+            self.services.metrics.messages.labels("cancelled").inc()
+            await self.asend(Cancelled(id=job.id))
+
+    async def _aspeak_forever(self) -> None:
+        while True:
+            job = await self.queue.aget()
+            try:
+                await self._aspeak_one(job)
+            except asyncio.CancelledError:
+                raise
+            except LivevoiceError as exc:
+                self.services.metrics.messages.labels("failed").inc()
+                exc.message_id = job.id
+                await self._areject(exc)
+            except Exception:
+                self.services.metrics.messages.labels("failed").inc()
+                self.log.exception("synthesis failed for message %s", job.id[:64])
+                await self._areject(SynthesisFailed("synthesis failed", message_id=job.id))
+            finally:
+                self.queue.done()
+
+    async def _aspeak_one(self, job: SpeakJob) -> None:
+        try:
+            voice = await asyncio.shield(job.voice)
+        except asyncio.CancelledError:
+            if job.voice.cancelled():
+                raise VoiceFailed("the voice registration was abandoned") from None
+            raise
+        except Exception:
+            raise VoiceFailed("this message's voice could not be registered") from None
+        if job.cancelled:
+            await self.asend(Cancelled(id=job.id))
+            return
+        services = self.services
+        engine = services.engine
+        rate = job.sample_rate or engine.sample_rate
+        resampler = Resampler(engine.sample_rate, rate)
+        frame_bytes = 2 * max(1, rate * services.settings.frame_ms // 1000)
+        self._streams += 1
+        stream = self._streams
+        await self.asend(AudioStart(id=job.id, stream=stream, sample_rate=rate))
+        started = time.perf_counter()
+        ttfa: float | None = None
+        seq = 0
+        samples = 0
+        pending = b""
+
+        async def flush(data: bytes) -> None:
+            nonlocal seq, samples, ttfa
+            await self._asend_bytes(AudioFrame(stream, seq, data).encode())
+            seq += 1
+            samples += len(data) // 2
+            if ttfa is None:
+                ttfa = time.perf_counter() - started
+
+        chunks = engine.stream(job.text, voice.embedding)
+        try:
+            async for chunk in chunks:
+                if job.cancelled:
+                    break
+                pending += to_s16le(resampler.feed(chunk))
+                while len(pending) >= frame_bytes and not job.cancelled:
+                    await flush(pending[:frame_bytes])
+                    pending = pending[frame_bytes:]
+        finally:
+            await chunks.aclose()
+        if not job.cancelled:
+            pending += to_s16le(resampler.feed(np.zeros(0, dtype=np.float32), last=True))
+            if pending:
+                await flush(pending)
+        if ttfa is not None:
+            services.metrics.ttfa_seconds.observe(ttfa)
+        services.metrics.messages.labels("cancelled" if job.cancelled else "spoken").inc()
+        await self.asend(
+            AudioEnd(
+                id=job.id,
+                stream=stream,
+                frames=seq,
+                samples=samples,
+                duration_ms=round(samples * 1000 / rate, 3),
+                ttfa_ms=round((ttfa or 0.0) * 1000, 3),
+                cancelled=job.cancelled,
+            )
+        )

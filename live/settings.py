@@ -1,0 +1,84 @@
+"""One frozen settings object, built at the edge (CLI flags and ``LIVEVOICE_*`` variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "LIVEVOICE_"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What one client may send. Every limit has its own error code (see protocol/SPEC.md)."""
+
+    max_frame_bytes: int = 16 * 1024 * 1024
+    """Largest WebSocket frame read at all; bigger ones close the socket with 1009."""
+    max_clip_bytes: int = 10 * 1024 * 1024
+    min_clip_s: float = 1.0
+    max_clip_s: float = 30.0
+    max_text_chars: int = 2000
+    max_queue: int = 32
+    """Messages waiting behind the one being spoken; more are answered ``queue_full``."""
+    hello_timeout_s: float = 10.0
+
+    def to_wire(self) -> dict[str, float | int]:
+        return {
+            "max_clip_bytes": self.max_clip_bytes,
+            "min_clip_s": self.min_clip_s,
+            "max_clip_s": self.max_clip_s,
+            "max_text_chars": self.max_text_chars,
+            "max_queue": self.max_queue,
+            "max_frame_bytes": self.max_frame_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    redis_url: str | None = None
+    """Shared Redis tier for embeddings; without one the server runs on its in-process L1."""
+    embedding_ttl_s: int = 7 * 24 * 3600
+    l1_voices: int = 10_000
+    """Embeddings kept in process (about 1 KB each); pinned ones are never evicted."""
+    tts_workers: int = 2
+    """Concurrent single-threaded synthesis jobs; one per core serves the most sessions."""
+    encoder_max_batch: int = 8
+    device: str | None = None
+    """``cpu`` or ``cuda``; the default picks CUDA when present."""
+    frame_ms: int = 100
+    """Audio per binary frame."""
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from ``LIVEVOICE_*`` variables, then explicit overrides (CLI flags) on top."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        limit_values: dict[str, object] = {}
+        for target, klass in ((values, cls), (limit_values, Limits)):
+            for f in dataclasses.fields(klass):
+                raw = env.get(ENV_PREFIX + f.name.upper())
+                if raw is None or f.name == "limits":
+                    continue
+                target[f.name] = _parse(raw, f.type)
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name in {f.name for f in dataclasses.fields(Limits)}:
+                limit_values[name] = value
+            else:
+                values[name] = value
+        return cls(**values, limits=Limits(**limit_values))  # type: ignore[arg-type]
+
+
+def _parse(raw: str, annotation: object) -> object:
+    text = str(annotation)
+    if text.startswith("int"):
+        return int(raw)
+    if text.startswith("float"):
+        return float(raw)
+    return raw or None

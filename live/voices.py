@@ -1,0 +1,279 @@
+"""The voice store: content-addressed speaker embeddings behind L1, Redis and the encoder.
+
+``VoiceStore.aresolve`` turns a canonical clip into a pinned embedding with at most one encoder
+call per distinct content (single-flight in process, a Redis lock across processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from protocol.errors import EncoderFailed, VoiceNotFound
+
+from .audio import CanonicalClip, Fingerprint
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .redis_tier import RedisTier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    vector: np.ndarray
+    """float32, shape (dim,), L2-normalised."""
+    encoder_id: str
+    duration_s: float
+    """Duration of the reference clip."""
+    created: float
+    """Unix time the encoder computed it."""
+
+
+class VoiceSource(enum.StrEnum):
+    L1 = "l1"
+    REDIS = "redis"
+    ENCODER = "encoder"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedVoice:
+    fingerprint: Fingerprint
+    embedding: Embedding
+    source: VoiceSource
+    seconds: float
+
+
+class Embedder(Protocol):
+    """The speaker encoder as the store sees it (``live.encoder.EncoderWorker``)."""
+
+    @property
+    def encoder_id(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    async def aembed(self, pcm16k: np.ndarray) -> np.ndarray: ...
+
+
+class EmbeddingL1:
+    """Bounded in-process LRU. Entries pinned by a live session are never evicted.
+
+    Embeddings are content-addressed and immutable, so entries never need invalidation.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[Fingerprint, Embedding] = OrderedDict()
+        self._pins: dict[Fingerprint, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, fp: Fingerprint) -> Embedding | None:
+        emb = self._entries.get(fp)
+        if emb is not None:
+            self._entries.move_to_end(fp)
+        return emb
+
+    def put(self, fp: Fingerprint, emb: Embedding) -> None:
+        self._entries[fp] = emb
+        self._entries.move_to_end(fp)
+        self._evict()
+
+    def pin(self, fp: Fingerprint) -> None:
+        self._pins[fp] = self._pins.get(fp, 0) + 1
+
+    def unpin(self, fp: Fingerprint) -> None:
+        count = self._pins.get(fp, 0) - 1
+        if count > 0:
+            self._pins[fp] = count
+        else:
+            self._pins.pop(fp, None)
+            self._evict()
+
+    @property
+    def pinned(self) -> set[Fingerprint]:
+        return set(self._pins)
+
+    def _evict(self) -> None:
+        if len(self._entries) <= self.capacity:
+            return
+        for fp in list(self._entries):
+            if len(self._entries) <= self.capacity:
+                break
+            if fp not in self._pins:
+                del self._entries[fp]
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceRecord:
+    """A tenant's registered voice: what ``voice.use`` needs to pin it again."""
+
+    voice_id: str
+    fingerprint: Fingerprint
+    name: str | None
+    duration_s: float
+
+
+def voice_id_for(tenant: str, fp: Fingerprint) -> str:
+    """Tenant-scoped id: the same clip registered twice by one tenant keeps its id, and the id
+    reveals nothing about the fingerprint (it is keyed by the tenant)."""
+    digest = hashlib.blake2b(fp.encode(), key=tenant.encode()[:64], digest_size=12).hexdigest()
+    return f"v_{digest}"
+
+
+class VoiceStore:
+    def __init__(
+        self,
+        embedder: Embedder,
+        *,
+        l1_capacity: int = 10_000,
+        tier: RedisTier | None = None,
+        metrics: Metrics | None = None,
+        lock_wait_s: float = 10.0,
+    ) -> None:
+        self.embedder = embedder
+        self.l1 = EmbeddingL1(l1_capacity)
+        self.tier = tier
+        self.metrics = metrics or Metrics()
+        self.lock_wait_s = lock_wait_s
+        self._flights: dict[Fingerprint, asyncio.Task[tuple[Embedding, VoiceSource]]] = {}
+        self._records: dict[tuple[str, str], VoiceRecord] = {}
+        self.encoder_calls = 0
+
+    # --- resolving --------------------------------------------------------------------------
+    async def aresolve(self, clip: CanonicalClip) -> ResolvedVoice:
+        """The embedding for a clip: L1, then Redis, then the encoder (once per content)."""
+        start = time.perf_counter()
+        fp = clip.fingerprint
+        emb = self.l1.get(fp)
+        if emb is not None:
+            return self._resolved(fp, emb, VoiceSource.L1, start)
+        flight = self._flights.get(fp)
+        if flight is None:
+            # The lookup is its own task so that a caller who goes away (a closed socket)
+            # does not cancel it for everyone else waiting on the same content.
+            flight = asyncio.ensure_future(self._alookup(clip))
+            self._flights[fp] = flight
+            flight.add_done_callback(self._landed)
+        try:
+            result = await asyncio.shield(flight)
+        except EncoderFailed:
+            raise
+        except Exception as exc:
+            log.exception("voice lookup failed for %s", fp[:12])
+            raise EncoderFailed("the voice could not be resolved") from exc
+        emb, source = result
+        return self._resolved(fp, emb, source, start)
+
+    def _landed(self, flight: asyncio.Task[tuple[Embedding, VoiceSource]]) -> None:
+        for fp, task in list(self._flights.items()):
+            if task is flight:
+                del self._flights[fp]
+        if not flight.cancelled():
+            flight.exception()  # marks it retrieved even when every waiter went away
+
+    def _resolved(
+        self, fp: Fingerprint, emb: Embedding, source: VoiceSource, start: float
+    ) -> ResolvedVoice:
+        seconds = time.perf_counter() - start
+        self.metrics.lookups.labels(source.value).inc()
+        self.metrics.lookup_seconds.labels(source.value).observe(seconds)
+        return ResolvedVoice(fp, emb, source, seconds)
+
+    async def _alookup(self, clip: CanonicalClip) -> tuple[Embedding, VoiceSource]:
+        fp = clip.fingerprint
+        if self.tier is None:
+            return await self._aencode(clip), VoiceSource.ENCODER
+        from .redis_tier import Lookup
+
+        encoder_id, dim = self.embedder.encoder_id, self.embedder.dim
+        lookup, emb = await self.tier.aget(encoder_id, fp, dim)
+        if emb is not None:
+            self.l1.put(fp, emb)
+            return emb, VoiceSource.REDIS
+        if lookup is Lookup.UNAVAILABLE:
+            return await self._aencode(clip), VoiceSource.ENCODER
+        token = uuid.uuid4().hex
+        if await self.tier.alock(encoder_id, fp, token):
+            try:
+                return await self._aencode(clip), VoiceSource.ENCODER
+            finally:
+                await self.tier.aunlock(encoder_id, fp, token)
+        # Another server is computing this voice: wait for its result instead of computing twice.
+        emb = await self.tier.await_value(encoder_id, fp, dim, timeout_s=self.lock_wait_s)
+        if emb is not None:
+            self.l1.put(fp, emb)
+            return emb, VoiceSource.REDIS
+        return await self._aencode(clip), VoiceSource.ENCODER
+
+    async def _aencode(self, clip: CanonicalClip) -> Embedding:
+        start = time.perf_counter()
+        self.encoder_calls += 1
+        self.metrics.encoder_calls.inc()
+        try:
+            vector = await self.embedder.aembed(clip.pcm)
+        except Exception as exc:
+            self.metrics.encoder_failures.inc()
+            log.exception("speaker encoder failed on %s", clip.fingerprint[:12])
+            raise EncoderFailed("the speaker encoder failed on this clip") from exc
+        self.metrics.encoder_seconds.observe(time.perf_counter() - start)
+        emb = Embedding(
+            np.asarray(vector, dtype=np.float32),
+            self.embedder.encoder_id,
+            clip.duration_s,
+            time.time(),
+        )
+        self.l1.put(clip.fingerprint, emb)
+        if self.tier is not None:
+            await self.tier.aput(clip.fingerprint, emb)
+        return emb
+
+    # --- tenant voices ----------------------------------------------------------------------
+    def remember(self, tenant: str, resolved: ResolvedVoice, name: str | None) -> VoiceRecord:
+        record = VoiceRecord(
+            voice_id_for(tenant, resolved.fingerprint),
+            resolved.fingerprint,
+            name,
+            resolved.embedding.duration_s,
+        )
+        self._records[(tenant, record.voice_id)] = record
+        return record
+
+    async def ause(self, tenant: str, voice_id: str) -> tuple[VoiceRecord, ResolvedVoice]:
+        """Pin a voice this tenant registered before, by id; never computes (no audio here)."""
+        start = time.perf_counter()
+        record = self._records.get((tenant, voice_id))
+        if record is None:
+            raise VoiceNotFound(f"no voice {voice_id[:40]!r} for this tenant")
+        fp = record.fingerprint
+        emb = self.l1.get(fp)
+        source = VoiceSource.L1
+        if emb is None and self.tier is not None:
+            _, emb = await self.tier.aget(self.embedder.encoder_id, fp, self.embedder.dim)
+            source = VoiceSource.REDIS
+            if emb is not None:
+                self.l1.put(fp, emb)
+        if emb is None:
+            raise VoiceNotFound("this voice's embedding has expired; register the clip again")
+        return record, self._resolved(fp, emb, source, start)
+
+    # --- pinning ----------------------------------------------------------------------------
+    def pin(self, fp: Fingerprint) -> None:
+        self.l1.pin(fp)
+        self.metrics.pinned_voices.set(len(self.l1.pinned))
+
+    def unpin(self, fp: Fingerprint) -> None:
+        self.l1.unpin(fp)
+        self.metrics.pinned_voices.set(len(self.l1.pinned))

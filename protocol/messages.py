@@ -1,0 +1,232 @@
+"""Message types of the livevoice protocol, one frozen dataclass each.
+
+Control frames are JSON objects with a ``type`` field; every other field is named here. Unknown
+fields are ignored so that either side can grow the protocol without breaking the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import BadMessage
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object for this message; ``None`` fields are left out."""
+        out: dict[str, Any] = {"type": self.TYPE}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Message:
+        """Build the message from a decoded JSON object, checking every field's type."""
+        kwargs: dict[str, Any] = {}
+        hints = _hints(cls)
+        message_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.name not in obj or obj[f.name] is None:
+                if required:
+                    raise BadMessage(f"{cls.TYPE}: missing field {f.name!r}", message_id=message_id)
+                continue
+            value = obj[f.name]
+            if not _matches(value, hints[f.name]):
+                raise BadMessage(
+                    f"{cls.TYPE}: field {f.name!r} has the wrong type", message_id=message_id
+                )
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field annotation (str, int, float, bool, dict, optionals)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is not None:
+        hint = origin
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is Any:
+        return True
+    return isinstance(value, hint)
+
+
+# --- client to server ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message of every session."""
+
+    TYPE: ClassVar[str] = "hello"
+    token: str | None = None
+    """Bearer token naming the tenant; optional when the server has no tokens configured."""
+    client: str | None = None
+    """Free-form client name and version, for the server's logs."""
+    protocol: int | None = None
+    """Protocol version the client speaks; the server answers ``unsupported`` if it can't."""
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceRegister(Message):
+    """Announces a reference clip; the next frame must be the clip itself, as one binary frame."""
+
+    TYPE: ClassVar[str] = "voice.register"
+    name: str | None = None
+    """Display name of the voice."""
+    format: str | None = None
+    """Container hint: wav, flac, ogg or mp3. The server sniffs the bytes either way."""
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceUse(Message):
+    """Pins a voice this tenant registered before, by id, without uploading the clip again."""
+
+    TYPE: ClassVar[str] = "voice.use"
+    voice_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Speak(Message):
+    """A chat message to speak, queued behind those sent before it."""
+
+    TYPE: ClassVar[str] = "speak"
+    id: str
+    """Client-chosen message id, unique among this session's queued messages."""
+    text: str
+    sample_rate: int | None = None
+    """Output rate: the engine's native rate when absent, else one of ``ready.formats``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Stops one message (``id``) or, without ``id``, the current one and everything queued."""
+
+    TYPE: ClassVar[str] = "cancel"
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    id: str | None = None
+
+
+# --- server to client ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    TYPE: ClassVar[str] = "ready"
+    session_id: str
+    protocol: int = PROTOCOL_VERSION
+    limits: dict[str, Any] = field(default_factory=dict)
+    """The limits this server enforces (clip bytes/seconds, text length, queue depth...)."""
+    formats: dict[str, Any] = field(default_factory=dict)
+    """Accepted clip containers, output encodings and sample rates."""
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceReady(Message):
+    TYPE: ClassVar[str] = "voice.ready"
+    voice_id: str
+    source: str
+    """Where the embedding came from: ``l1``, ``redis`` or ``encoder``."""
+    ms: float
+    """Server-side milliseconds from the clip's arrival (or voice.use) to the pinned voice."""
+    name: str | None = None
+    duration_s: float | None = None
+    """Duration of the reference clip."""
+
+
+@dataclass(frozen=True, slots=True)
+class Queued(Message):
+    """Acknowledges an accepted ``speak``; every accepted message later ends in exactly one of
+    ``audio.end``, ``cancelled`` or an ``error`` carrying its id."""
+
+    TYPE: ClassVar[str] = "queued"
+    id: str
+    position: int
+    """Messages ahead of this one (0: it starts now)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AudioStart(Message):
+    """Announces the audio format once per message; binary frames of ``stream`` follow."""
+
+    TYPE: ClassVar[str] = "audio.start"
+    id: str
+    stream: int
+    sample_rate: int
+    channels: int = 1
+    encoding: str = "s16le"
+
+
+@dataclass(frozen=True, slots=True)
+class AudioEnd(Message):
+    TYPE: ClassVar[str] = "audio.end"
+    id: str
+    stream: int
+    frames: int
+    samples: int
+    duration_ms: float
+    ttfa_ms: float
+    """Milliseconds from the message leaving the queue to its first audio frame being sent."""
+    cancelled: bool = False
+    """True when the message was cut short by ``cancel``: the audio sent so far is all there is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled(Message):
+    """A queued message dropped by ``cancel`` before any of its audio was sent."""
+
+    TYPE: ClassVar[str] = "cancelled"
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    id: str | None = None
+    """The message id this error concerns, when it concerns one."""
+
+
+CLIENT_MESSAGES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Hello, VoiceRegister, VoiceUse, Speak, Cancel, Ping)
+}
+SERVER_MESSAGES: dict[str, type[Message]] = {
+    m.TYPE: m for m in (Ready, VoiceReady, Queued, AudioStart, AudioEnd, Cancelled, Pong, Error)
+}

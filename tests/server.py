@@ -1,0 +1,149 @@
+"""The real server on a free loopback port, in the test's own event loop, and a raw WS client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from live.app import SERVICES, Services, create_app
+from live.settings import Settings
+from live.speech import SpeechEngine
+from live.voices import Embedder
+from protocol import AudioFrame, decode_server, encode
+from protocol.messages import Message
+
+TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class LiveServer:
+    settings: Settings
+    engine: SpeechEngine | None = None
+    embedder: Embedder | None = None
+    runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def services(self) -> Services:
+        assert self.runner is not None
+        return self.runner.app[SERVICES]
+
+    async def astart(self) -> None:
+        app = create_app(self.settings, engine=self.engine, embedder=self.embedder)
+        self.runner = web.AppRunner(app, handle_signals=False)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def astop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@contextlib.asynccontextmanager
+async def live_server(
+    settings: Settings | None = None,
+    *,
+    engine: SpeechEngine | None = None,
+    embedder: Embedder | None = None,
+    **overrides: Any,
+) -> AsyncIterator[LiveServer]:
+    if settings is None:
+        settings = Settings(port=free_port(), **overrides)
+    server = LiveServer(settings, engine, embedder)
+    await asyncio.wait_for(server.astart(), TIMEOUT)
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.astop(), TIMEOUT)
+
+
+@dataclass
+class Received:
+    """What a test client saw: control messages in order and audio frames per stream."""
+
+    messages: list[Message] = field(default_factory=list)
+    frames: dict[int, list[AudioFrame]] = field(default_factory=dict)
+
+
+class RawClient:
+    """A minimal client straight on the protocol codec, for asserting wire behaviour."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.seen = Received()
+
+    async def asend(self, message: Message | dict[str, Any] | str) -> None:
+        if isinstance(message, Message):
+            await self.ws.send_str(encode(message))
+        elif isinstance(message, dict):
+            await self.ws.send_str(orjson.dumps(message).decode())
+        else:
+            await self.ws.send_str(message)
+
+    async def asend_bytes(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def anext(self, timeout: float = TIMEOUT) -> Message:
+        """The next control message; audio frames met on the way are collected."""
+        while True:
+            msg = await asyncio.wait_for(self.ws.receive(), timeout)
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                message = decode_server(msg.data)
+                self.seen.messages.append(message)
+                return message
+            if msg.type is aiohttp.WSMsgType.BINARY:
+                frame = AudioFrame.decode(msg.data)
+                self.seen.frames.setdefault(frame.stream, []).append(frame)
+                continue
+            raise ConnectionError(f"socket ended: {msg.type} {msg.data!r} {msg.extra!r}")
+
+    async def await_type(self, kind: str, timeout: float = TIMEOUT) -> Message:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            message = await self.anext(max(0.01, left))
+            if kind == message.TYPE:
+                return message
+
+
+@contextlib.asynccontextmanager
+async def raw_client(server: LiveServer, *, hello: bool = True) -> AsyncIterator[RawClient]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            server.ws_url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+        ) as ws,
+    ):
+        client = RawClient(ws)
+        if hello:
+            await client.asend({"type": "hello", "client": "tests"})
+            ready = await client.anext()
+            assert ready.TYPE == "ready", ready
+        yield client
