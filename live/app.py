@@ -33,12 +33,40 @@ class Services:
     store: VoiceStore
     engine: SpeechEngine
     tier: RedisTier | None = None
+    owned: list[object] = field(default_factory=list)
+    """What ``abuild_services`` built and so closes; injected models belong to the caller."""
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def authenticate(self, token: str | None) -> str:
         """The tenant a token belongs to. Until tokens are configured everyone is one tenant."""
         return "public"
+
+    def start_background(self) -> None:
+        if self.tier is not None:
+            self.metrics.watch_tier(self.tier)
+            self._background.append(asyncio.create_task(self._amaintain_tier(self.tier)))
+
+    async def _amaintain_tier(self, tier: RedisTier) -> None:
+        """Probe a tripped breaker, keep pinned voices from expiring, poll Redis memory."""
+        settings = self.settings
+        encoder_id = self.store.embedder.encoder_id
+        last_refresh = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(settings.redis_poll_s)
+            if not tier.available:
+                await tier.aprobe()
+            if not tier.available:
+                continue
+            used = await tier.aused_memory()
+            if used is not None:
+                self.metrics.redis_used_memory.set(used)
+            now = asyncio.get_running_loop().time()
+            if now - last_refresh >= settings.pin_refresh_s:
+                last_refresh = now
+                pinned = sorted(self.store.l1.pinned)
+                if pinned:
+                    await tier.atouch([(encoder_id, fp) for fp in pinned])
 
     async def aclose(self) -> None:
         for task in self._background:
@@ -48,12 +76,8 @@ class Services:
                 await task
         for ws in list(self.sockets):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-        await self.engine.aclose()
-        embedder_close = getattr(self.store.embedder, "aclose", None)
-        if embedder_close is not None:
-            await embedder_close()
-        if self.tier is not None:
-            await self.tier.aclose()
+        for resource in reversed(self.owned):
+            await resource.aclose()  # type: ignore[attr-defined]
 
 
 SERVICES = web.AppKey("services", Services)
@@ -67,24 +91,29 @@ async def abuild_services(
 ) -> Services:
     """Load the models (off the event loop) and connect the tiers the settings ask for."""
     metrics = Metrics()
+    owned: list[object] = []
     if embedder is None:
         from .encoder import EncoderWorker, SpeakerEncoder
 
         encoder = await asyncio.to_thread(SpeakerEncoder.load, device=settings.device)
         embedder = EncoderWorker(encoder, max_batch=settings.encoder_max_batch)
+        owned.append(embedder)
         log.info("speaker encoder %s on %s", encoder.encoder_id, encoder.device)
     if engine is None:
         engine = await asyncio.to_thread(
             PiperEngine, workers=settings.tts_workers, use_cuda=settings.device == "cuda"
         )
+        owned.append(engine)
         log.info("speech engine %s at %d Hz", engine.name, engine.sample_rate)
     tier = None
     if settings.redis_url:
         from .redis_tier import RedisTier
 
         tier = RedisTier(settings.redis_url, ttl_s=settings.embedding_ttl_s)
+        log.info("redis tier at %s", tier.display_url)
+        owned.append(tier)
     store = VoiceStore(embedder, l1_capacity=settings.l1_voices, tier=tier, metrics=metrics)
-    return Services(settings, metrics, store, engine, tier)
+    return Services(settings, metrics, store, engine, tier, owned)
 
 
 def create_app(
@@ -97,6 +126,7 @@ def create_app(
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         app[SERVICES] = await abuild_services(settings, engine=engine, embedder=embedder)
+        app[SERVICES].start_background()
         yield
         await app[SERVICES].aclose()
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .redis_tier import RedisTier
 
 _MS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -36,14 +44,6 @@ class Metrics:
         self.encoder_failures = Counter(
             "livevoice_encoder_failures", "Encoder calls that raised", registry=r
         )
-        self.redis_errors = Counter(
-            "livevoice_redis_errors", "Redis calls that failed or timed out", registry=r
-        )
-        self.redis_breaker_open = Gauge(
-            "livevoice_redis_breaker_open",
-            "1 while the Redis circuit breaker is not closed",
-            registry=r,
-        )
         self.redis_used_memory = Gauge(
             "livevoice_redis_used_memory_bytes", "Redis INFO used_memory, polled", registry=r
         )
@@ -64,5 +64,34 @@ class Metrics:
             "livevoice_protocol_errors", "Errors sent to clients by code", ["code"], registry=r
         )
 
+    def watch_tier(self, tier: RedisTier) -> None:
+        """Export the Redis tier's own counters and breaker state at scrape time."""
+        self.registry.register(_TierCollector(tier))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TierCollector(Collector):
+    def __init__(self, tier: RedisTier) -> None:
+        self.tier = tier
+
+    def collect(self) -> Iterator[Metric]:
+        tier = self.tier
+        calls = CounterMetricFamily(
+            "livevoice_redis_calls", "Redis tier outcomes", labels=["outcome"]
+        )
+        for outcome in ("hits", "misses", "errors", "corrupt", "writes", "skipped"):
+            calls.add_metric([outcome], getattr(tier, outcome))
+        yield calls
+        yield CounterMetricFamily(
+            "livevoice_redis_errors", "Redis calls that failed or timed out", value=tier.errors
+        )
+        state = GaugeMetricFamily(
+            "livevoice_redis_breaker_state",
+            "Redis circuit breaker: 1 for the current state",
+            labels=["state"],
+        )
+        for candidate in type(tier.breaker.state):
+            state.add_metric([candidate.value], 1.0 if candidate is tier.breaker.state else 0.0)
+        yield state

@@ -20,7 +20,15 @@ class SpeakJob:
     voice: asyncio.Future[ResolvedVoice]
     """The voice pinned (or being registered) when the message was accepted."""
     accepted: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by ``cancel``: the speaker stops waiting for the engine's next chunk."""
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop.is_set()
+
+    def cancel(self) -> None:
+        self.stop.set()
 
 
 class SpeechQueue:
@@ -74,10 +82,10 @@ class SpeechQueue:
         Returns the dropped waiting jobs; the current one is stopped by its speaker.
         """
         if self.current is not None and job_id in (None, self.current.id):
-            self.current.cancelled = True
+            self.current.cancel()
         dropped = [j for j in self._waiting if job_id in (None, j.id)]
         for job in dropped:
-            job.cancelled = True
+            job.cancel()
             self._waiting.remove(job)
         return dropped
 

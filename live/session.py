@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -283,6 +283,31 @@ class Session:
             finally:
                 self.queue.done()
 
+    @staticmethod
+    async def _anext_chunk(
+        chunks: AsyncGenerator[np.ndarray, None], job: SpeakJob
+    ) -> np.ndarray | None:
+        """The engine's next chunk, or None at its end or as soon as the job is cancelled."""
+        if job.cancelled:
+            return None
+        nxt = asyncio.ensure_future(anext(chunks))
+        stop = asyncio.ensure_future(job.stop.wait())
+        try:
+            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not nxt.done():
+                # Interrupts the engine where it waits. Work already handed to a model thread
+                # finishes there and is dropped; the engine closes itself after it.
+                nxt.cancel()
+                await asyncio.wait({nxt})  # the generator must be idle before aclose()
+        if nxt.cancelled() or job.cancelled:
+            return None
+        try:
+            return nxt.result()
+        except StopAsyncIteration:
+            return None
+
     async def _aspeak_one(self, job: SpeakJob) -> None:
         try:
             voice = await asyncio.shield(job.voice)
@@ -319,9 +344,7 @@ class Session:
 
         chunks = engine.stream(job.text, voice.embedding)
         try:
-            async for chunk in chunks:
-                if job.cancelled:
-                    break
+            while (chunk := await self._anext_chunk(chunks, job)) is not None:
                 pending += to_s16le(resampler.feed(chunk))
                 while len(pending) >= frame_bytes and not job.cancelled:
                     await flush(pending[:frame_bytes])

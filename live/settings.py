@@ -42,6 +42,10 @@ class Settings:
     redis_url: str | None = None
     """Shared Redis tier for embeddings; without one the server runs on its in-process L1."""
     embedding_ttl_s: int = 7 * 24 * 3600
+    pin_refresh_s: float = 3600.0
+    """How often the Redis TTL of voices pinned by live sessions is refreshed."""
+    redis_poll_s: float = 1.0
+    """Half-open probe and ``used_memory`` polling period while Redis is configured."""
     l1_voices: int = 10_000
     """Embeddings kept in process (about 1 KB each); pinned ones are never evicted."""
     tts_workers: int = 2

@@ -251,10 +251,13 @@ class VoiceStore:
         self._records[(tenant, record.voice_id)] = record
         return record
 
+    def record(self, tenant: str, voice_id: str) -> VoiceRecord | None:
+        return self._records.get((tenant, voice_id))
+
     async def ause(self, tenant: str, voice_id: str) -> tuple[VoiceRecord, ResolvedVoice]:
         """Pin a voice this tenant registered before, by id; never computes (no audio here)."""
         start = time.perf_counter()
-        record = self._records.get((tenant, voice_id))
+        record = self.record(tenant, voice_id)
         if record is None:
             raise VoiceNotFound(f"no voice {voice_id[:40]!r} for this tenant")
         fp = record.fingerprint

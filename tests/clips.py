@@ -89,8 +89,17 @@ def to_16k(pcm: npt.ArrayLike, sr: int) -> Pcm:
 
 def _encode(pcm: npt.ArrayLike, sr: int, fmt: str, subtype: str | None) -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, np.asarray(pcm, dtype=np.float32), sr, format=fmt, subtype=subtype)
+    data = np.asarray(pcm)
+    if data.dtype != np.int16:  # int16 input is written as is: identical samples in any container
+        data = data.astype(np.float32)
+    sf.write(buf, data, sr, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def quantize(pcm: npt.ArrayLike) -> npt.NDArray[np.int16]:
+    """Float samples as int16. libsndfile's own float-to-int conversion differs between WAV and
+    FLAC by one LSB, so tests that need identical samples in two containers quantize first."""
+    return np.round(np.clip(np.asarray(pcm, dtype=np.float64), -1, 1) * 32767).astype(np.int16)
 
 
 def wav_bytes(pcm: npt.ArrayLike, sr: int, subtype: str = "PCM_16") -> bytes:

@@ -75,7 +75,8 @@ async def live_server(
     **overrides: Any,
 ) -> AsyncIterator[LiveServer]:
     if settings is None:
-        settings = Settings(port=free_port(), **overrides)
+        overrides.setdefault("port", free_port())
+        settings = Settings(**overrides)
     server = LiveServer(settings, engine, embedder)
     await asyncio.wait_for(server.astart(), TIMEOUT)
     try:

@@ -1,0 +1,407 @@
+"""The shared Redis tier of the voice cache: embeddings keyed by encoder and fingerprint.
+
+Redis is an optimisation, never a dependency: every method answers "unavailable"
+instead of raising when Redis is slow, down, or refuses our password, and a circuit
+breaker makes later calls skip Redis entirely until a probe gets an answer again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeGuard, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgpack
+import numpy as np
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError, ResponseError
+
+from live.audio import Fingerprint
+from live.breaker import BreakerState, CircuitBreaker
+from live.voices import Embedding
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Lookup",
+    "RedisTier",
+    "decode_value",
+    "encode_value",
+    "key",
+    "lock_key",
+    "redacted_url",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION: Final = 1
+_DTYPE: Final = "<f4"
+_PREFIX: Final = "livevoice:v1"
+
+# Deletes the lock only while it still holds our token, so a holder whose lock
+# expired cannot release the next holder's lock.
+_UNLOCK_LUA: Final = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+    return redis.call("DEL", KEYS[1])
+end
+return 0
+"""
+
+T = TypeVar("T")
+
+
+class Lookup(enum.Enum):
+    HIT = "hit"
+    MISS = "miss"
+    UNAVAILABLE = "unavailable"
+    """Redis was not asked (breaker open) or did not answer: the caller computes."""
+
+
+class _Down(enum.Enum):
+    """Sentinel for "Redis gave no usable answer", distinct from a None reply."""
+
+    DOWN = enum.auto()
+
+
+_DOWN: Final = _Down.DOWN
+
+
+def key(encoder_id: str, fp: Fingerprint) -> str:
+    return f"{_PREFIX}:emb:{encoder_id}:{fp}"
+
+
+def lock_key(encoder_id: str, fp: Fingerprint) -> str:
+    return f"{_PREFIX}:lock:{encoder_id}:{fp}"
+
+
+def encode_value(emb: Embedding) -> bytes:
+    """The msgpack map stored under :func:`key`; raw little-endian float32, never pickle."""
+    vector = np.ascontiguousarray(emb.vector, dtype=_DTYPE)
+    if vector.ndim != 1:
+        raise ValueError(f"embedding must be one-dimensional, got shape {vector.shape}")
+    packed: bytes = msgpack.packb(
+        {
+            "v": FORMAT_VERSION,
+            "enc": emb.encoder_id,
+            "dim": int(vector.shape[0]),
+            "dtype": _DTYPE,
+            "data": vector.tobytes(),
+            "created": float(emb.created),
+            "dur": float(emb.duration_s),
+        },
+        use_bin_type=True,
+    )
+    return packed
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def decode_value(raw: bytes, *, encoder_id: str, dim: int) -> Embedding | None:
+    """The embedding in ``raw``, or None for anything we did not write for this encoder.
+
+    Never raises: the value comes from a shared store, and a bad one is just a miss
+    that the caller overwrites.
+    """
+    try:
+        obj = msgpack.unpackb(raw, raw=False, use_list=False, strict_map_key=True)
+    except Exception:  # msgpack raises a zoo of types on garbage; all mean "not ours"
+        return None
+    if not isinstance(obj, dict):
+        return None
+    version, data = obj.get("v"), obj.get("data")
+    created, duration = obj.get("created"), obj.get("dur")
+    if not (
+        _is_int(version)
+        and version == FORMAT_VERSION
+        and obj.get("enc") == encoder_id
+        and _is_int(obj.get("dim"))
+        and obj.get("dim") == dim
+        and obj.get("dtype") == _DTYPE
+        and isinstance(data, bytes)
+        and len(data) == dim * 4
+        and _is_number(created)
+        and _is_number(duration)
+    ):
+        return None
+    vector = np.frombuffer(data, dtype=_DTYPE).astype(np.float32)  # a writable copy
+    if not np.isfinite(vector).all():
+        return None
+    return Embedding(vector=vector, encoder_id=encoder_id, duration_s=duration, created=created)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (userinfo or ``?password=``) replaced by ``***``, for logs."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        userinfo, at, hostport = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode(
+                [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable redis url>"
+
+
+class RedisTier:
+    """Async access to the shared embedding cache; one instance (one pool) per process.
+
+    Every method returns its "unavailable" answer instead of raising on Redis trouble,
+    bounded by ``op_timeout_s``; once the breaker opens, methods return at once.
+    Counters are plain ints for the metrics endpoint to read.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: int = 7 * 24 * 3600,
+        op_timeout_s: float = 0.25,
+        connect_timeout_s: float = 0.25,
+        lock_ttl_ms: int = 10_000,
+        health_check_interval_s: int = 30,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.display_url = redacted_url(url)
+        self.ttl_s = ttl_s
+        self.op_timeout_s = op_timeout_s
+        self.lock_ttl_ms = lock_ttl_ms
+        self.breaker = breaker if breaker is not None else CircuitBreaker(name="redis")
+        # No retries: an outage must cost one short timeout, then the breaker stops us
+        # calling at all. from_url happens to default to none, but Redis() defaults to
+        # 10 with backoff, so say it. (retry_on_timeout is deprecated since redis-py 6.)
+        self._client: redis.asyncio.Redis = redis.asyncio.from_url(
+            url,
+            socket_timeout=op_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            health_check_interval=health_check_interval_s,
+            retry=Retry(NoBackoff(), 0),
+            client_name="livevoice",
+        )
+        self._unlock = self._client.register_script(_UNLOCK_LUA)
+        self._auth_failure_logged = False
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.corrupt = 0
+        self.writes = 0
+        self.skipped = 0  # calls not made because the breaker was open
+
+    key = staticmethod(key)
+    lock_key = staticmethod(lock_key)
+
+    @property
+    def available(self) -> bool:
+        return self.breaker.state is BreakerState.CLOSED
+
+    async def aget(
+        self, encoder_id: str, fp: Fingerprint, dim: int
+    ) -> tuple[Lookup, Embedding | None]:
+        """Look up an embedding; a hit refreshes its TTL (GETEX)."""
+        k = key(encoder_id, fp)
+
+        async def getex() -> bytes | None:
+            try:
+                raw = await self._client.getex(k, ex=self.ttl_s)
+            except ResponseError as exc:
+                if str(exc).startswith("WRONGTYPE"):
+                    return b""  # someone else's data at our key: a corrupt value
+                raise
+            return raw if isinstance(raw, bytes | None) else raw.encode()  # decode_responses is off
+
+        raw = await self._run(getex)
+        if raw is _DOWN:
+            return Lookup.UNAVAILABLE, None
+        if raw is None:
+            self.misses += 1
+            return Lookup.MISS, None
+        emb = decode_value(raw, encoder_id=encoder_id, dim=dim)
+        if emb is None:
+            self.corrupt += 1
+            self.misses += 1
+            return Lookup.MISS, None
+        self.hits += 1
+        return Lookup.HIT, emb
+
+    async def aput(self, fp: Fingerprint, emb: Embedding) -> bool:
+        """Store an embedding with a fresh TTL, replacing whatever was at its key."""
+        value = encode_value(emb)
+        k = key(emb.encoder_id, fp)
+        done = await self._run(lambda: self._client.set(k, value, ex=self.ttl_s))
+        if done is _DOWN or not done:
+            return False
+        self.writes += 1
+        return True
+
+    async def atouch(self, keys: list[tuple[str, Fingerprint]]) -> bool:
+        """Refresh the TTL of pinned voices, given as ``(encoder_id, fp)``, in one round trip."""
+        if not keys:
+            return True
+
+        async def expire_all() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for encoder_id, fp in keys:
+                    pipe.expire(key(encoder_id, fp), self.ttl_s)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        return await self._run(expire_all) is not _DOWN
+
+    async def alock(self, encoder_id: str, fp: Fingerprint, token: str) -> bool:
+        """Try to become the one process computing this embedding.
+
+        False when another holder has it, and also when Redis is unavailable; then
+        :meth:`await_value` returns None at once and the caller computes anyway.
+        """
+        k = lock_key(encoder_id, fp)
+        got = await self._run(lambda: self._client.set(k, token, nx=True, px=self.lock_ttl_ms))
+        return got is not _DOWN and bool(got)
+
+    async def aunlock(self, encoder_id: str, fp: Fingerprint, token: str) -> bool:
+        """Release the lock if it still holds ``token``; True if this call released it."""
+        k = lock_key(encoder_id, fp)
+        released = await self._run(lambda: self._unlock(keys=[k], args=[token]))
+        return released is not _DOWN and released == 1
+
+    async def await_value(
+        self,
+        encoder_id: str,
+        fp: Fingerprint,
+        dim: int,
+        *,
+        timeout_s: float,
+        poll_s: float = 0.02,
+    ) -> Embedding | None:
+        """Wait for another process's lock holder to store the embedding.
+
+        None when the lock disappears without a value (the holder failed or died),
+        when Redis is unavailable, or after ``timeout_s``: the caller then computes.
+        """
+        value_key, held_key = key(encoder_id, fp), lock_key(encoder_id, fp)
+
+        async def poll() -> list[Any]:
+            # Lock first: the holder stores the value before it unlocks, so "no lock,
+            # then no value" means it will not come.
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.exists(held_key)
+                pipe.get(value_key)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            answer = await self._run(poll)
+            if answer is _DOWN:
+                return None
+            held, raw = answer
+            if raw is not None:
+                emb = decode_value(raw, encoder_id=encoder_id, dim=dim)
+                if emb is None:
+                    self.corrupt += 1
+                return emb
+            if not held:
+                return None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(poll_s, remaining))
+
+    async def aused_memory(self) -> int | None:
+        """Redis's ``used_memory`` in bytes (INFO memory), or None when unavailable."""
+        info = await self._run(lambda: self._client.info("memory"))
+        if info is _DOWN:
+            return None
+        used = info.get("used_memory")
+        return used if _is_int(used) else None
+
+    async def aping(self) -> bool:
+        reply = await self._run(lambda: self._client.ping())
+        return reply is not _DOWN and bool(reply)
+
+    async def aprobe(self) -> bool:
+        """A PING through the breaker, for a background task to call about once a second.
+
+        While the breaker is open this is what notices Redis is back even with no
+        traffic; while it is closed it notices an outage before a request does.
+        """
+        return await self.aping()
+
+    async def aprobe_forever(self, interval_s: float = 1.0) -> None:
+        """Run :meth:`aprobe` every ``interval_s`` until cancelled."""
+        while True:
+            await self.aprobe()
+            await asyncio.sleep(interval_s)
+
+    async def aclose(self) -> None:
+        try:
+            await self._client.aclose()
+        except (RedisError, OSError) as exc:
+            logger.debug("closing redis client: %r", exc)
+
+    async def _run(self, op: Callable[[], Awaitable[T]]) -> T | _Down:
+        """Run one Redis call under the breaker and the timeout; _DOWN instead of raising."""
+        if not self.breaker.allow():
+            self.skipped += 1
+            return _DOWN
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                result = await op()
+        except AuthenticationError as exc:
+            self._failed(exc, started, explained=True)
+            if not self._auth_failure_logged:
+                self._auth_failure_logged = True
+                logger.error(
+                    "redis authentication failed for %s (%s); "
+                    "running without the Redis tier until it recovers",
+                    self.display_url,
+                    exc,
+                )
+            return _DOWN
+        except OutOfMemoryError as exc:
+            # Redis answered, it just will not take writes: not an outage.
+            self.errors += 1
+            self.breaker.record_success()
+            logger.debug("redis refused a write: %s", exc)
+            return _DOWN
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc, started)
+            return _DOWN
+        self._auth_failure_logged = False
+        self.breaker.record_success()
+        return result
+
+    def _failed(self, exc: BaseException, started: float, *, explained: bool = False) -> None:
+        self.errors += 1
+        was = self.breaker.state
+        self.breaker.record_failure()
+        opened = was is not BreakerState.OPEN and self.breaker.state is BreakerState.OPEN
+        if opened and not explained:
+            # Name the cause once, next to the breaker's own "open" line.
+            logger.info(
+                "redis at %s failed after %.0f ms: %s: %s",
+                self.display_url,
+                (time.monotonic() - started) * 1000,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            logger.debug("redis call failed: %s: %s", type(exc).__name__, exc)

@@ -1,0 +1,28 @@
+"""Shared fixtures: the real models, loaded once per test run, and a real redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from live.encoder import EncoderWorker, SpeakerEncoder
+from live.speech import PiperEngine
+
+
+@pytest.fixture(scope="session")
+def speaker_encoder() -> SpeakerEncoder:
+    return SpeakerEncoder.load(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def piper() -> Iterator[PiperEngine]:
+    engine = PiperEngine(workers=2)
+    yield engine
+    engine._executor.shutdown(wait=True)
+
+
+@pytest.fixture
+def encoder_worker(speaker_encoder: SpeakerEncoder) -> EncoderWorker:
+    """A fresh worker (bound to this test's loop) around the shared model; the server closes it."""
+    return EncoderWorker(speaker_encoder)
