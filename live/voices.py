@@ -67,7 +67,8 @@ class Embedder(Protocol):
 
 
 class EmbeddingL1:
-    """Bounded in-process LRU. Entries pinned by a live session are never evicted.
+    """In-process LRU of ``capacity`` unpinned entries; entries pinned by a live session are
+    never evicted.
 
     Embeddings are content-addressed and immutable, so entries never need invalidation.
     """
@@ -107,13 +108,20 @@ class EmbeddingL1:
         return set(self._pins)
 
     def _evict(self) -> None:
-        if len(self._entries) <= self.capacity:
+        """Drop least recently used unpinned entries until those fit the capacity.
+
+        Pinned entries do not count: they are bounded by the live sessions holding them.
+        """
+        pinned_here = sum(1 for fp in self._pins if fp in self._entries)
+        excess = len(self._entries) - pinned_here - self.capacity
+        if excess <= 0:
             return
         for fp in list(self._entries):
-            if len(self._entries) <= self.capacity:
+            if excess <= 0:
                 break
             if fp not in self._pins:
                 del self._entries[fp]
+                excess -= 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,9 @@ import pytest
 from live.encoder import EncoderWorker, SpeakerEncoder
 from live.speech import PiperEngine
 
+# The `redis_server` fixture: a real redis-server per test, always stopped at teardown.
+pytest_plugins = ["tests.redis_server"]
+
 
 @pytest.fixture(scope="session")
 def speaker_encoder() -> SpeakerEncoder:
