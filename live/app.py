@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
+from clients.web import add_widget_routes
+
 from .metrics import Metrics
 from .session import Session
-from .settings import Settings
+from .settings import Limits, Settings
 from .speech import PiperEngine, SpeechEngine
+from .tenants import TenantDirectory, TenantLimits
 from .voices import Embedder, VoiceStore
 
 if TYPE_CHECKING:
@@ -38,14 +41,16 @@ class Services:
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def authenticate(self, token: str | None) -> str:
-        """The tenant a token belongs to. Until tokens are configured everyone is one tenant."""
-        return "public"
+    tenants: TenantDirectory = field(default_factory=lambda: TenantDirectory({}))
+    tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits(Limits()))
 
     def start_background(self) -> None:
         if self.tier is not None:
             self.metrics.watch_tier(self.tier)
             self._background.append(asyncio.create_task(self._amaintain_tier(self.tier)))
+            self._background.append(
+                asyncio.create_task(self.tier.alisten_purges(self.store.purged))
+            )
 
     async def _amaintain_tier(self, tier: RedisTier) -> None:
         """Probe a tripped breaker, keep pinned voices from expiring, poll Redis memory."""
@@ -112,8 +117,24 @@ async def abuild_services(
         tier = RedisTier(settings.redis_url, ttl_s=settings.embedding_ttl_s)
         log.info("redis tier at %s", tier.display_url)
         owned.append(tier)
-    store = VoiceStore(embedder, l1_capacity=settings.l1_voices, tier=tier, metrics=metrics)
-    return Services(settings, metrics, store, engine, tier, owned)
+    store = VoiceStore(
+        embedder,
+        l1_capacity=settings.l1_voices,
+        tier=tier,
+        metrics=metrics,
+        max_encoder_jobs=settings.limits.max_encoder_jobs,
+    )
+    tenants = TenantDirectory.from_config(settings.tokens, settings.tokens_file)
+    return Services(
+        settings,
+        metrics,
+        store,
+        engine,
+        tier,
+        owned,
+        tenants=tenants,
+        tenant_limits=TenantLimits(settings.limits),
+    )
 
 
 def create_app(
@@ -135,6 +156,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_widget_routes(app)
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from .app import create_app
 from .settings import Settings
+from .tenants import TenantDirectory, describe, new_token
 
 log = logging.getLogger("live")
 
@@ -27,10 +29,49 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "without it voices are cached in process only",
     )
     serve.add_argument("--device", choices=["cpu", "cuda"], help="model device (default: auto)")
+    serve.add_argument(
+        "--tokens-file",
+        help="file of tenant=sha256:<hex> lines (LIVEVOICE_TOKENS_FILE; LIVEVOICE_TOKENS for "
+        "inline entries); without tokens the server binds to loopback only",
+    )
     serve.add_argument("--log-level", default="INFO")
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = sub.add_parser("token", help="make a bearer token for a tenant")
+    token.add_argument("tenant")
+    token.set_defaults(func=_token)
+
+
+def _token(args: argparse.Namespace) -> int:
+    token, entry = new_token(args.tenant)
+    print(f"token (give it to the client; it is not stored): {token}")
+    print(f"entry (add it to LIVEVOICE_TOKENS or the tokens file): {entry}")
+    return 0
+
+
+def guard_open_server(settings: Settings) -> Settings:
+    """Without tokens anyone can connect, so such a server only listens on loopback."""
+    tenants = TenantDirectory.from_config(settings.tokens, settings.tokens_file)
+    if not tenants.open:
+        log.info("%d tenants configured: %s", len(tenants.tenants), describe(tenants.tenants))
+        return settings
+    if settings.host not in LOOPBACK:
+        log.warning(
+            "no tokens configured: binding to 127.0.0.1 instead of %s "
+            "(configure LIVEVOICE_TOKENS or --tokens-file to serve other machines)",
+            settings.host,
+        )
+        return dataclasses.replace(settings, host="127.0.0.1")
+    log.info("no tokens configured: open to anyone on this machine, loopback only")
+    return settings
+
+
 async def aserve(settings: Settings) -> None:
+    settings = guard_open_server(settings)
     app = create_app(settings)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
@@ -65,11 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="livevoice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _token_parser(sub)
     try:
         from clients.cli import add_commands
-    except ImportError:
-        add_commands = None
-    if add_commands is not None:
+    except ImportError:  # the clients' commands land separately
+        pass
+    else:
         add_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -78,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "serve":
         settings = Settings.from_env(
-            host=args.host, port=args.port, redis_url=args.redis_url, device=args.device
+            host=args.host,
+            port=args.port,
+            redis_url=args.redis_url,
+            device=args.device,
+            tokens_file=args.tokens_file,
         )
         _run(aserve(settings))
         return 0

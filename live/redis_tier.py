@@ -8,6 +8,7 @@ breaker makes later calls skip Redis entirely until a probe gets an answer again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
@@ -25,7 +26,7 @@ from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError, 
 
 from live.audio import Fingerprint
 from live.breaker import BreakerState, CircuitBreaker
-from live.voices import Embedding
+from live.voices import Embedding, VoiceRecord
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,7 +54,13 @@ end
 return 0
 """
 
+PURGE_CHANNEL: Final = f"{_PREFIX}:purge"
+
 T = TypeVar("T")
+
+
+def record_key(voice_id: str) -> str:
+    return f"{_PREFIX}:voice:{voice_id}"
 
 
 class Lookup(enum.Enum):
@@ -323,6 +330,85 @@ class RedisTier:
             if remaining <= 0:
                 return None
             await asyncio.sleep(min(poll_s, remaining))
+
+    # --- tenants' voice records and purges -----------------------------------------------
+    async def aput_record(self, tenant: str, record: VoiceRecord) -> bool:
+        """Remember a tenant's voice id, so ``voice.use`` works on any server sharing Redis."""
+        value = msgpack.packb(
+            {
+                "v": FORMAT_VERSION,
+                "tenant": tenant,
+                "fp": record.fingerprint,
+                "name": record.name,
+                "dur": record.duration_s,
+            }
+        )
+        k = record_key(record.voice_id)
+        done = await self._run(lambda: self._client.set(k, value, ex=self.ttl_s))
+        return done is not _DOWN and bool(done)
+
+    async def aget_record(self, tenant: str, voice_id: str) -> VoiceRecord | None:
+        """The record behind a voice id, only if ``tenant`` registered it (TTL refreshed)."""
+        k = record_key(voice_id)
+        raw = await self._run(lambda: self._client.getex(k, ex=self.ttl_s))
+        if raw is _DOWN or not isinstance(raw, bytes):
+            return None
+        try:
+            value = msgpack.unpackb(raw)
+            if value.get("tenant") != tenant or value.get("v") != FORMAT_VERSION:
+                return None
+            name = value.get("name")
+            return VoiceRecord(
+                voice_id,
+                Fingerprint(str(value["fp"])),
+                name if isinstance(name, str) else None,
+                float(value["dur"]),
+            )
+        except Exception:
+            self.corrupt += 1
+            return None
+
+    async def adelete_record(self, voice_id: str) -> bool:
+        done = await self._run(lambda: self._client.delete(record_key(voice_id)))
+        return done is not _DOWN
+
+    async def apurge(self, encoder_id: str, fp: Fingerprint) -> bool:
+        """Delete an embedding and tell every server sharing this Redis to drop it from L1."""
+
+        async def purge() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.delete(key(encoder_id, fp))
+                pipe.publish(PURGE_CHANNEL, fp)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        return await self._run(purge) is not _DOWN
+
+    async def alisten_purges(
+        self, on_purge: Callable[[Fingerprint], None], *, retry_s: float = 1.0
+    ) -> None:
+        """Call ``on_purge`` for every fingerprint purged by any server, until cancelled.
+
+        Resubscribes after an outage; a purge published while this server was cut off from
+        Redis is missed (the embedding's Redis copy is gone either way).
+        """
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(PURGE_CHANNEL)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    data = message.get("data")
+                    if isinstance(data, bytes):
+                        on_purge(Fingerprint(data.decode("ascii", "replace")))
+            except (RedisError, OSError, TimeoutError) as exc:
+                logger.debug("purge subscription lost: %r", exc)
+            finally:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(retry_s)
 
     async def aused_memory(self) -> int | None:
         """Redis's ``used_memory`` in bytes (INFO memory), or None when unavailable."""

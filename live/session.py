@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from protocol import AudioFrame, ClipUpload, LivevoiceError, ServerProtocol, encode
-from protocol.errors import HelloTimeout, InternalError, SynthesisFailed, VoiceFailed
+from protocol import AudioFrame, ClipUpload, LivevoiceError, ServerProtocol, SessionState, encode
+from protocol.errors import (
+    HelloTimeout,
+    IdleTimeout,
+    InternalError,
+    NoVoice,
+    SynthesisFailed,
+    VoiceFailed,
+)
 from protocol.messages import (
     AudioEnd,
     AudioStart,
@@ -32,12 +39,14 @@ from protocol.messages import (
     Queued,
     Ready,
     Speak,
+    VoiceDelete,
+    VoiceDeleted,
     VoiceReady,
     VoiceRegister,
     VoiceUse,
 )
 
-from .audio import canonicalize, to_s16le
+from .audio import Fingerprint, canonicalize, to_s16le
 from .queue import SpeakJob, SpeechQueue
 from .speech import Resampler
 from .voices import ResolvedVoice
@@ -77,16 +86,23 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams = 0
+        self._counted = False
+        """Whether this session holds one of its tenant's session slots."""
 
     # --- lifecycle --------------------------------------------------------------------------
     async def arun(self) -> None:
         speaker = asyncio.create_task(self._aspeak_forever(), name=f"speaker-{self.id}")
         metrics = self.services.metrics
         metrics.sessions.inc()
+        store = self.services.store
+        store.purge_listeners.add(self._on_purge)
         try:
             await self._aread()
         finally:
             metrics.sessions.dec()
+            store.purge_listeners.discard(self._on_purge)
+            if self._counted:
+                self.services.tenant_limits.close_session(self.tenant)
             # Nothing keeps working for a socket that is gone.
             self.queue.cancel(None)
             speaker.cancel()
@@ -99,15 +115,25 @@ class Session:
             self.log.info("session closed")
 
     async def _aread(self) -> None:
-        hello_deadline = time.monotonic() + self.services.settings.limits.hello_timeout_s
+        limits = self.services.settings.limits
+        hello_deadline = time.monotonic() + limits.hello_timeout_s
         while not self.ws.closed:
-            timeout = None
-            if self.protocol.state.value == "await_hello":
+            awaiting_hello = self.protocol.state is SessionState.AWAIT_HELLO
+            if awaiting_hello:
                 timeout = max(0.0, hello_deadline - time.monotonic())
+            else:
+                timeout = limits.idle_timeout_s
             try:
                 msg = await self.ws.receive(timeout=timeout)
             except TimeoutError:
-                await self._areject(HelloTimeout("no hello within the time limit"))
+                if awaiting_hello:
+                    await self._areject(HelloTimeout("no hello within the time limit"))
+                    return
+                if self.queue.current is not None or len(self.queue):
+                    continue  # listening to queued speech is not idling
+                await self._areject(
+                    IdleTimeout(f"no message for {limits.idle_timeout_s:g} s; closing")
+                )
                 return
             if msg.type is WSMsgType.TEXT:
                 await self._guard(self._aon_text(msg.data))
@@ -155,6 +181,8 @@ class Session:
             await self._acancel(message)
         elif isinstance(message, VoiceUse):
             self._start_voice(self._ause(message))
+        elif isinstance(message, VoiceDelete):
+            await self._adelete(message)
         elif isinstance(message, Ping):
             await self.asend(Pong(id=message.id))
         elif isinstance(message, VoiceRegister):
@@ -162,10 +190,13 @@ class Session:
 
     async def _aon_binary(self, data: bytes) -> None:
         upload = self.protocol.receive_binary(data)
+        self.services.tenant_limits.take_registration(self.tenant)
         self._start_voice(self._aregister(upload))
 
     async def _ahello(self, hello: Hello) -> None:
-        self.tenant = self.services.authenticate(hello.token)
+        self.tenant = self.services.tenants.authenticate(hello.token)
+        self.services.tenant_limits.open_session(self.tenant)
+        self._counted = True
         self.log.info("hello from %s", (hello.client or "unnamed client")[:80])
         settings = self.services.settings
         await self.asend(
@@ -208,7 +239,7 @@ class Session:
         except LivevoiceError as exc:
             await self._areject(exc)
             raise
-        record = self.services.store.remember(self.tenant, resolved, upload.register.name)
+        record = await self.services.store.aremember(self.tenant, resolved, upload.register.name)
         self._pin(resolved)
         await self.asend(
             VoiceReady(
@@ -246,6 +277,29 @@ class Session:
         )
         return resolved
 
+    async def _adelete(self, delete: VoiceDelete) -> None:
+        await self.services.store.adelete(self.tenant, delete.voice_id)
+        self.log.info("voice %s deleted", delete.voice_id[:40])
+        await self.asend(VoiceDeleted(voice_id=delete.voice_id, pinned=False))
+
+    def _on_purge(self, fp: Fingerprint) -> None:
+        """A voice's embedding was purged (here or on another server): drop it if pinned."""
+        if self._pinned is None or self._pinned.fingerprint != fp:
+            return
+        self.services.store.unpin(fp)
+        self._pinned = None
+        self._voice = None
+        self.protocol.voice_lost()
+        dropped = self.queue.cancel(None)
+        task = asyncio.ensure_future(self._atell_purged(dropped))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _atell_purged(self, dropped: list[SpeakJob]) -> None:
+        for job in dropped:
+            await self.asend(Cancelled(id=job.id))
+        await self.asend(VoiceDeleted(pinned=True))
+
     def _pin(self, resolved: ResolvedVoice) -> None:
         store = self.services.store
         store.pin(resolved.fingerprint)
@@ -255,8 +309,10 @@ class Session:
 
     # --- speech -----------------------------------------------------------------------------
     async def _aspeak(self, speak: Speak) -> None:
-        assert self._voice is not None  # the protocol checked has_voice
+        if self._voice is None:  # the protocol checked has_voice; a purge may have taken it
+            raise NoVoice("register or use a voice before speaking", message_id=speak.id)
         self.queue.check(speak.id)
+        self.services.tenant_limits.take_speak(self.tenant, speak.id)
         await self.asend(Queued(id=speak.id, position=self.queue.ahead_of_next()))
         self.queue.put(SpeakJob(speak.id, speak.text, speak.sample_rate, self._voice))
 

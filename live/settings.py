@@ -23,16 +23,20 @@ class Limits:
     max_queue: int = 32
     """Messages waiting behind the one being spoken; more are answered ``queue_full``."""
     hello_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    """A session that sends nothing (not even ``ping``) for this long is closed (4410)."""
+    max_sessions_per_tenant: int = 20
+    registrations_per_minute: float = 20.0
+    """Per tenant, token bucket; bursts up to ``registration_burst``."""
+    registration_burst: int = 10
+    speaks_per_minute: float = 240.0
+    """Per tenant, token bucket; bursts up to ``speak_burst``."""
+    speak_burst: int = 60
+    max_encoder_jobs: int = 64
+    """Distinct clips being embedded at once (server-wide); more are answered ``encoder_busy``."""
 
     def to_wire(self) -> dict[str, float | int]:
-        return {
-            "max_clip_bytes": self.max_clip_bytes,
-            "min_clip_s": self.min_clip_s,
-            "max_clip_s": self.max_clip_s,
-            "max_text_chars": self.max_text_chars,
-            "max_queue": self.max_queue,
-            "max_frame_bytes": self.max_frame_bytes,
-        }
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +59,11 @@ class Settings:
     """``cpu`` or ``cuda``; the default picks CUDA when present."""
     frame_ms: int = 100
     """Audio per binary frame."""
+    tokens: str | None = None
+    """Bearer tokens, hashed: ``tenant=sha256:<hex>`` entries separated by commas or newlines
+    (``livevoice token TENANT`` makes one). Without tokens the server binds to loopback only."""
+    tokens_file: str | None = None
+    """A file of the same entries, one per line (``#`` comments allowed)."""
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

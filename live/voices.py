@@ -13,12 +13,13 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from protocol.errors import EncoderFailed, VoiceNotFound
+from protocol.errors import EncoderBusy, EncoderFailed, VoiceNotFound
 
 from .audio import CanonicalClip, Fingerprint
 from .metrics import Metrics
@@ -95,6 +96,10 @@ class EmbeddingL1:
     def pin(self, fp: Fingerprint) -> None:
         self._pins[fp] = self._pins.get(fp, 0) + 1
 
+    def discard(self, fp: Fingerprint) -> None:
+        """Remove an entry even if pinned: a purge of personal data wins over pinning."""
+        self._entries.pop(fp, None)
+
     def unpin(self, fp: Fingerprint) -> None:
         count = self._pins.get(fp, 0) - 1
         if count > 0:
@@ -150,14 +155,17 @@ class VoiceStore:
         tier: RedisTier | None = None,
         metrics: Metrics | None = None,
         lock_wait_s: float = 10.0,
+        max_encoder_jobs: int = 64,
     ) -> None:
         self.embedder = embedder
         self.l1 = EmbeddingL1(l1_capacity)
         self.tier = tier
         self.metrics = metrics or Metrics()
         self.lock_wait_s = lock_wait_s
+        self.max_encoder_jobs = max_encoder_jobs
         self._flights: dict[Fingerprint, asyncio.Task[tuple[Embedding, VoiceSource]]] = {}
         self._records: dict[tuple[str, str], VoiceRecord] = {}
+        self.purge_listeners: set[Callable[[Fingerprint], None]] = set()
         self.encoder_calls = 0
 
     # --- resolving --------------------------------------------------------------------------
@@ -170,6 +178,10 @@ class VoiceStore:
             return self._resolved(fp, emb, VoiceSource.L1, start)
         flight = self._flights.get(fp)
         if flight is None:
+            if len(self._flights) >= self.max_encoder_jobs:
+                raise EncoderBusy(
+                    f"{len(self._flights)} voices are being computed; register again shortly"
+                )
             # The lookup is its own task so that a caller who goes away (a closed socket)
             # does not cancel it for everyone else waiting on the same content.
             flight = asyncio.ensure_future(self._alookup(clip))
@@ -177,7 +189,7 @@ class VoiceStore:
             flight.add_done_callback(self._landed)
         try:
             result = await asyncio.shield(flight)
-        except EncoderFailed:
+        except (EncoderFailed, EncoderBusy):
             raise
         except Exception as exc:
             log.exception("voice lookup failed for %s", fp[:12])
@@ -249,7 +261,10 @@ class VoiceStore:
         return emb
 
     # --- tenant voices ----------------------------------------------------------------------
-    def remember(self, tenant: str, resolved: ResolvedVoice, name: str | None) -> VoiceRecord:
+    async def aremember(
+        self, tenant: str, resolved: ResolvedVoice, name: str | None
+    ) -> VoiceRecord:
+        """The tenant's id for this voice, kept here and (when configured) in Redis."""
         record = VoiceRecord(
             voice_id_for(tenant, resolved.fingerprint),
             resolved.fingerprint,
@@ -257,17 +272,28 @@ class VoiceStore:
             resolved.embedding.duration_s,
         )
         self._records[(tenant, record.voice_id)] = record
+        if self.tier is not None:
+            await self.tier.aput_record(tenant, record)
         return record
 
     def record(self, tenant: str, voice_id: str) -> VoiceRecord | None:
         return self._records.get((tenant, voice_id))
 
+    async def _arecord(self, tenant: str, voice_id: str) -> VoiceRecord:
+        record = self.record(tenant, voice_id)
+        if record is None and self.tier is not None:
+            record = await self.tier.aget_record(tenant, voice_id)
+            if record is not None:
+                self._records[(tenant, voice_id)] = record
+        if record is None:
+            # The same answer whether the id exists for another tenant or not at all.
+            raise VoiceNotFound(f"no voice {voice_id[:40]!r} for this tenant")
+        return record
+
     async def ause(self, tenant: str, voice_id: str) -> tuple[VoiceRecord, ResolvedVoice]:
         """Pin a voice this tenant registered before, by id; never computes (no audio here)."""
         start = time.perf_counter()
-        record = self.record(tenant, voice_id)
-        if record is None:
-            raise VoiceNotFound(f"no voice {voice_id[:40]!r} for this tenant")
+        record = await self._arecord(tenant, voice_id)
         fp = record.fingerprint
         emb = self.l1.get(fp)
         source = VoiceSource.L1
@@ -279,6 +305,23 @@ class VoiceStore:
         if emb is None:
             raise VoiceNotFound("this voice's embedding has expired; register the clip again")
         return record, self._resolved(fp, emb, source, start)
+
+    async def adelete(self, tenant: str, voice_id: str) -> VoiceRecord:
+        """Forget a tenant's voice and purge its embedding from L1, Redis and, through Redis
+        pub/sub, every other server's L1. Sessions pinning it are told (``purge_listeners``)."""
+        record = await self._arecord(tenant, voice_id)
+        self._records.pop((tenant, voice_id), None)
+        if self.tier is not None:
+            await self.tier.adelete_record(voice_id)
+            await self.tier.apurge(self.embedder.encoder_id, record.fingerprint)
+        self.purged(record.fingerprint)
+        return record
+
+    def purged(self, fp: Fingerprint) -> None:
+        """Drop a purged embedding here (called locally and for purges from other servers)."""
+        self.l1.discard(fp)
+        for listener in list(self.purge_listeners):
+            listener(fp)
 
     # --- pinning ----------------------------------------------------------------------------
     def pin(self, fp: Fingerprint) -> None:

@@ -74,6 +74,22 @@ class HelloTimeout(LivevoiceError):
     close_code = 4408
 
 
+class IdleTimeout(LivevoiceError):
+    code = "idle_timeout"
+    close_code = 4410
+
+
+class TooManySessions(LivevoiceError):
+    code = "too_many_sessions"
+    close_code = 4429
+
+
+class RateLimited(LivevoiceError):
+    """A per-tenant rate limit tripped; the message is refused, the session goes on."""
+
+    code = "rate_limited"
+
+
 class Unsupported(LivevoiceError):
     code = "unsupported"
 
@@ -113,6 +129,12 @@ class ClipSilent(LivevoiceError):
 
 class EncoderFailed(LivevoiceError):
     code = "encoder_failed"
+
+
+class EncoderBusy(LivevoiceError):
+    """Too many clips are being embedded at once; registering again later succeeds."""
+
+    code = "encoder_busy"
 
 
 class VoiceFailed(LivevoiceError):

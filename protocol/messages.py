@@ -114,6 +114,14 @@ class VoiceUse(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class VoiceDelete(Message):
+    """Forgets a voice of this tenant and purges its embedding from every cache tier."""
+
+    TYPE: ClassVar[str] = "voice.delete"
+    voice_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Speak(Message):
     """A chat message to speak, queued behind those sent before it."""
 
@@ -162,6 +170,18 @@ class VoiceReady(Message):
     name: str | None = None
     duration_s: float | None = None
     """Duration of the reference clip."""
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceDeleted(Message):
+    """A voice was deleted: the answer to ``voice.delete``, and a notice to every session that
+    had it pinned (which then has no voice until it registers or uses another)."""
+
+    TYPE: ClassVar[str] = "voice.deleted"
+    voice_id: str | None = None
+    """The deleted voice's id, for sessions of the tenant that owned it (else absent)."""
+    pinned: bool = False
+    """True when this session had the voice pinned and has lost it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +245,9 @@ class Error(Message):
 
 
 CLIENT_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, VoiceRegister, VoiceUse, Speak, Cancel, Ping)
+    m.TYPE: m for m in (Hello, VoiceRegister, VoiceUse, VoiceDelete, Speak, Cancel, Ping)
 }
 SERVER_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Ready, VoiceReady, Queued, AudioStart, AudioEnd, Cancelled, Pong, Error)
+    m.TYPE: m
+    for m in (Ready, VoiceReady, VoiceDeleted, Queued, AudioStart, AudioEnd, Cancelled, Pong, Error)
 }
