@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch must come first: any other torch spec pulls gigabytes of CUDA packages.
 TORCH ?= torch==2.13.0
-APT_PACKAGES := redis-server espeak-ng chromium
+APT_PACKAGES := redis-server espeak-ng chromium openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve install install-test system-test-deps test lint bench clean

@@ -19,6 +19,7 @@ from aiohttp import WSMsgType, web
 
 from protocol import AudioFrame, ClipUpload, LivevoiceError, ServerProtocol, SessionState, encode
 from protocol.errors import (
+    EmptyText,
     HelloTimeout,
     IdleTimeout,
     InternalError,
@@ -49,6 +50,7 @@ from protocol.messages import (
 from .audio import Fingerprint, canonicalize, to_s16le
 from .queue import SpeakJob, SpeechQueue
 from .speech import Resampler
+from .text import clean_text
 from .voices import ResolvedVoice
 
 if TYPE_CHECKING:
@@ -87,6 +89,9 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams = 0
         self._counted = False
+        self._deleting = False
+        self._purged_here: list[SpeakJob] | None = None
+        """Messages dropped when this session's own ``voice.delete`` purged its pinned voice."""
         """Whether this session holds one of its tenant's session slots."""
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -278,9 +283,14 @@ class Session:
         return resolved
 
     async def _adelete(self, delete: VoiceDelete) -> None:
-        await self.services.store.adelete(self.tenant, delete.voice_id)
+        self._deleting = True  # this session answers for itself below, not as a bystander
+        try:
+            await self.services.store.adelete(self.tenant, delete.voice_id)
+        finally:
+            self._deleting = False
         self.log.info("voice %s deleted", delete.voice_id[:40])
-        await self.asend(VoiceDeleted(voice_id=delete.voice_id, pinned=False))
+        await self._atell_purged(self._purged_here, voice_id=delete.voice_id)
+        self._purged_here = None
 
     def _on_purge(self, fp: Fingerprint) -> None:
         """A voice's embedding was purged (here or on another server): drop it if pinned."""
@@ -291,14 +301,20 @@ class Session:
         self._voice = None
         self.protocol.voice_lost()
         dropped = self.queue.cancel(None)
+        if self._deleting:
+            self._purged_here = dropped
+            return
         task = asyncio.ensure_future(self._atell_purged(dropped))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _atell_purged(self, dropped: list[SpeakJob]) -> None:
-        for job in dropped:
+    async def _atell_purged(
+        self, dropped: list[SpeakJob] | None, *, voice_id: str | None = None
+    ) -> None:
+        """``cancelled`` for each dropped message, then ``voice.deleted``."""
+        for job in dropped or []:
             await self.asend(Cancelled(id=job.id))
-        await self.asend(VoiceDeleted(pinned=True))
+        await self.asend(VoiceDeleted(voice_id=voice_id, pinned=dropped is not None))
 
     def _pin(self, resolved: ResolvedVoice) -> None:
         store = self.services.store
@@ -309,12 +325,15 @@ class Session:
 
     # --- speech -----------------------------------------------------------------------------
     async def _aspeak(self, speak: Speak) -> None:
+        text = clean_text(speak.text)
+        if not text:
+            raise EmptyText("nothing speakable in this text", message_id=speak.id)
         if self._voice is None:  # the protocol checked has_voice; a purge may have taken it
             raise NoVoice("register or use a voice before speaking", message_id=speak.id)
         self.queue.check(speak.id)
         self.services.tenant_limits.take_speak(self.tenant, speak.id)
         await self.asend(Queued(id=speak.id, position=self.queue.ahead_of_next()))
-        self.queue.put(SpeakJob(speak.id, speak.text, speak.sample_rate, self._voice))
+        self.queue.put(SpeakJob(speak.id, text, speak.sample_rate, self._voice))
 
     async def _acancel(self, cancel: Cancel) -> None:
         for job in self.queue.cancel(cancel.id):

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import soxr
 
+from .text import segments
 from .voices import Embedding
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,9 @@ class PiperEngine:
         )
 
     def _sentences(self, text: str) -> Generator[np.ndarray, None, None]:
-        for chunk in self._voice.synthesize(text):
-            yield np.asarray(chunk.audio_float_array, dtype=np.float32)
+        for segment in segments(text):
+            for chunk in self._voice.synthesize(segment):
+                yield np.asarray(chunk.audio_float_array, dtype=np.float32)
 
     async def stream(self, text: str, voice: Embedding) -> AsyncGenerator[np.ndarray, None]:
         sentences = self._sentences(text)
