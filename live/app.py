@@ -73,16 +73,24 @@ class Services:
                 if pinned:
                     await tier.atouch([(encoder_id, fp) for fp in pinned])
 
+    async def aclose_sockets(self) -> None:
+        """Close every session's socket (on shutdown, before aiohttp waits for handlers)."""
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
     async def aclose(self) -> None:
         for task in self._background:
             task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for ws in list(self.sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        # redis-py's pub/sub reader can absorb a cancellation; closing the tier's pool below
+        # ends it for sure, so wait only briefly here.
+        if self._background:
+            await asyncio.wait(self._background, timeout=1.0)
+        await self.aclose_sockets()
         for resource in reversed(self.owned):
             await resource.aclose()  # type: ignore[attr-defined]
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5.0)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -111,10 +119,18 @@ async def abuild_services(
         owned.append(engine)
         log.info("speech engine %s at %d Hz", engine.name, engine.sample_rate)
     tier = None
-    if settings.redis_url:
+    redis_url = settings.redis_url
+    if redis_url is None and settings.data_dir:
+        from .embedded import EmbeddedRedis
+
+        embedded = EmbeddedRedis(settings.data_dir)
+        redis_url = await embedded.astart()
+        if redis_url is not None:
+            owned.append(embedded)
+    if redis_url:
         from .redis_tier import RedisTier
 
-        tier = RedisTier(settings.redis_url, ttl_s=settings.embedding_ttl_s)
+        tier = RedisTier(redis_url, ttl_s=settings.embedding_ttl_s)
         log.info("redis tier at %s", tier.display_url)
         owned.append(tier)
     store = VoiceStore(
@@ -151,7 +167,12 @@ def create_app(
         yield
         await app[SERVICES].aclose()
 
+    async def close_sockets(app: web.Application) -> None:
+        await app[SERVICES].aclose_sockets()
+
     app.cleanup_ctx.append(services_ctx)
+    # Before aiohttp's graceful shutdown waits for handlers: open sessions would hold it.
+    app.on_shutdown.append(close_sockets)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

