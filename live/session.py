@@ -51,7 +51,7 @@ from .audio import Fingerprint, canonicalize, to_s16le
 from .queue import SpeakJob, SpeechQueue
 from .speech import Resampler
 from .text import clean_text
-from .voices import ResolvedVoice
+from .voices import ResolvedVoice, VoiceRecord
 
 if TYPE_CHECKING:
     from .app import Services
@@ -159,7 +159,9 @@ class Session:
             self.log.exception("unexpected error handling a frame")
             await self._areject(InternalError("the server failed to handle this frame"))
 
-    async def _areject(self, exc: LivevoiceError) -> None:
+    async def _areject(self, exc: LivevoiceError, request_id: str | None = None) -> None:
+        if exc.message_id is None:
+            exc.message_id = request_id
         self.services.metrics.errors.labels(exc.code).inc()
         await self.asend(Error(code=exc.code, message=exc.message, id=exc.message_id))
         if exc.close_code is not None:
@@ -195,7 +197,11 @@ class Session:
 
     async def _aon_binary(self, data: bytes) -> None:
         upload = self.protocol.receive_binary(data)
-        self.services.tenant_limits.take_registration(self.tenant)
+        try:
+            self.services.tenant_limits.take_registration(self.tenant)
+        except LivevoiceError as exc:
+            exc.message_id = upload.register.id
+            raise
         self._start_voice(self._aregister(upload))
 
     async def _ahello(self, hello: Hello) -> None:
@@ -220,8 +226,22 @@ class Session:
 
     # --- voices -----------------------------------------------------------------------------
     def _start_voice(self, work: Awaitable[ResolvedVoice]) -> None:
-        """Registration runs beside the reader; speaks accepted meanwhile wait for its voice."""
-        task = asyncio.ensure_future(work)
+        """Registration runs beside the reader; speaks accepted meanwhile wait for its voice.
+
+        If it fails, those speaks fall back to the voice pinned before (nothing accepted is
+        lost); only a session that never had a voice is left without one.
+        """
+        previous = self._voice
+
+        async def landed() -> ResolvedVoice:
+            try:
+                return await work
+            except Exception:
+                if previous is None:
+                    raise
+                return await asyncio.shield(previous)
+
+        task = asyncio.ensure_future(landed())
         self._tasks.add(task)
         task.add_done_callback(self._voice_landed)
         self._voice = task
@@ -230,22 +250,45 @@ class Session:
         self._tasks.discard(task)
         if task.cancelled():
             return
-        if task.exception() is not None and self._voice is task and self._pinned is None:
+        if task.exception() is not None and self._voice is task:
+            self._voice = None
             self.protocol.voice_lost()
 
     async def _aregister(self, upload: ClipUpload) -> ResolvedVoice:
         limits = self.services.settings.limits
         start = time.perf_counter()
+        request = upload.register
         try:
             clip = await asyncio.to_thread(
                 canonicalize, upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
             )
             resolved = await self.services.store.aresolve(clip)
+            record = await self.services.store.aremember(self.tenant, resolved, request.name)
         except LivevoiceError as exc:
-            await self._areject(exc)
+            await self._areject(exc, request.id)
             raise
-        record = await self.services.store.aremember(self.tenant, resolved, upload.register.name)
-        self._pin(resolved)
+        await self._apin(record, resolved, start, request.id)
+        return resolved
+
+    async def _ause(self, use: VoiceUse) -> ResolvedVoice:
+        start = time.perf_counter()
+        try:
+            record, resolved = await self.services.store.ause(self.tenant, use.voice_id)
+        except LivevoiceError as exc:
+            await self._areject(exc, use.id)
+            raise
+        await self._apin(record, resolved, start, use.id)
+        return resolved
+
+    async def _apin(
+        self, record: VoiceRecord, resolved: ResolvedVoice, start: float, request_id: str | None
+    ) -> None:
+        """Pin the voice for this session's next messages and say so."""
+        store = self.services.store
+        store.pin(resolved.fingerprint)
+        if self._pinned is not None:
+            store.unpin(self._pinned.fingerprint)
+        self._pinned = resolved
         await self.asend(
             VoiceReady(
                 voice_id=record.voice_id,
@@ -253,6 +296,7 @@ class Session:
                 ms=round((time.perf_counter() - start) * 1000, 3),
                 name=record.name,
                 duration_s=round(record.duration_s, 3),
+                id=request_id,
             )
         )
         self.log.info(
@@ -261,35 +305,18 @@ class Session:
             resolved.source.value,
             resolved.seconds * 1000,
         )
-        return resolved
-
-    async def _ause(self, use: VoiceUse) -> ResolvedVoice:
-        start = time.perf_counter()
-        try:
-            record, resolved = await self.services.store.ause(self.tenant, use.voice_id)
-        except LivevoiceError as exc:
-            await self._areject(exc)
-            raise
-        self._pin(resolved)
-        await self.asend(
-            VoiceReady(
-                voice_id=record.voice_id,
-                source=resolved.source.value,
-                ms=round((time.perf_counter() - start) * 1000, 3),
-                name=record.name,
-                duration_s=round(record.duration_s, 3),
-            )
-        )
-        return resolved
 
     async def _adelete(self, delete: VoiceDelete) -> None:
         self._deleting = True  # this session answers for itself below, not as a bystander
         try:
             await self.services.store.adelete(self.tenant, delete.voice_id)
+        except LivevoiceError as exc:
+            exc.message_id = exc.message_id or delete.id
+            raise
         finally:
             self._deleting = False
         self.log.info("voice %s deleted", delete.voice_id[:40])
-        await self._atell_purged(self._purged_here, voice_id=delete.voice_id)
+        await self._atell_purged(self._purged_here, voice_id=delete.voice_id, request_id=delete.id)
         self._purged_here = None
 
     def _on_purge(self, fp: Fingerprint) -> None:
@@ -309,19 +336,16 @@ class Session:
         task.add_done_callback(self._tasks.discard)
 
     async def _atell_purged(
-        self, dropped: list[SpeakJob] | None, *, voice_id: str | None = None
+        self,
+        dropped: list[SpeakJob] | None,
+        *,
+        voice_id: str | None = None,
+        request_id: str | None = None,
     ) -> None:
         """``cancelled`` for each dropped message, then ``voice.deleted``."""
         for job in dropped or []:
             await self.asend(Cancelled(id=job.id))
-        await self.asend(VoiceDeleted(voice_id=voice_id, pinned=dropped is not None))
-
-    def _pin(self, resolved: ResolvedVoice) -> None:
-        store = self.services.store
-        store.pin(resolved.fingerprint)
-        if self._pinned is not None:
-            store.unpin(self._pinned.fingerprint)
-        self._pinned = resolved
+        await self.asend(VoiceDeleted(voice_id=voice_id, pinned=dropped is not None, id=request_id))
 
     # --- speech -----------------------------------------------------------------------------
     async def _aspeak(self, speak: Speak) -> None:

@@ -103,6 +103,8 @@ class VoiceRegister(Message):
     """Display name of the voice."""
     format: str | None = None
     """Container hint: wav, flac, ogg or mp3. The server sniffs the bytes either way."""
+    id: str | None = None
+    """Optional request id, echoed in the answer (or the error) so requests can overlap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,8 @@ class VoiceUse(Message):
 
     TYPE: ClassVar[str] = "voice.use"
     voice_id: str
+    id: str | None = None
+    """Optional request id, echoed in the answer (or the error) so requests can overlap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,8 @@ class VoiceDelete(Message):
 
     TYPE: ClassVar[str] = "voice.delete"
     voice_id: str
+    id: str | None = None
+    """Optional request id, echoed in the answer (or the error) so requests can overlap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +176,8 @@ class VoiceReady(Message):
     name: str | None = None
     duration_s: float | None = None
     """Duration of the reference clip."""
+    id: str | None = None
+    """The ``id`` of the ``voice.register`` or ``voice.use`` this answers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +190,8 @@ class VoiceDeleted(Message):
     """The deleted voice's id, for sessions of the tenant that owned it (else absent)."""
     pinned: bool = False
     """True when this session had the voice pinned and has lost it."""
+    id: str | None = None
+    """The ``id`` of the ``voice.delete`` this answers."""
 
 
 @dataclass(frozen=True, slots=True)

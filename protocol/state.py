@@ -66,9 +66,13 @@ class ServerProtocol:
         """Decode and check one control frame."""
         if self.state is SessionState.AWAIT_CLIP:
             # The clip never came: drop the registration rather than guess what the client meant.
+            register = self._pending_register
             self.state = SessionState.OPEN
             self._pending_register = None
-            raise ClipExpected("voice.register must be followed by the clip as one binary frame")
+            raise ClipExpected(
+                "voice.register must be followed by the clip as one binary frame",
+                message_id=register.id if register is not None else None,
+            )
         message = decode_client(frame)
         if self.state is SessionState.AWAIT_HELLO:
             if not isinstance(message, Hello):
@@ -84,7 +88,9 @@ class ServerProtocol:
             raise UnexpectedMessage("hello was already received")
         if isinstance(message, VoiceRegister):
             if message.format is not None and message.format.lower() not in CLIP_FORMATS:
-                raise Unsupported(f"clip format must be one of {', '.join(CLIP_FORMATS)}")
+                raise Unsupported(
+                    f"clip format must be one of {', '.join(CLIP_FORMATS)}", message_id=message.id
+                )
             self.state = SessionState.AWAIT_CLIP
             self._pending_register = message
         elif isinstance(message, VoiceUse):
@@ -119,10 +125,11 @@ class ServerProtocol:
         self.state = SessionState.OPEN
         self._pending_register = None
         if not frame:
-            raise ClipEmpty("the clip is empty")
+            raise ClipEmpty("the clip is empty", message_id=register.id)
         if len(frame) > self.max_clip_bytes:
             raise ClipTooLarge(
-                f"the clip is {len(frame)} bytes; the limit is {self.max_clip_bytes}"
+                f"the clip is {len(frame)} bytes; the limit is {self.max_clip_bytes}",
+                message_id=register.id,
             )
         self.has_voice = True
         return ClipUpload(register, bytes(frame))

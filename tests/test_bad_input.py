@@ -166,3 +166,32 @@ async def test_stereo_48k_flac_is_accepted(server: LiveServer) -> None:
         await register_clip(c, stereo_flac_48k(2.0))
         ready = await c.anext()
         assert isinstance(ready, VoiceReady) and ready.duration_s == pytest.approx(2.0, abs=0.01)
+
+
+async def test_a_failed_registration_keeps_the_voice_pinned_before(server: LiveServer) -> None:
+    pcm, sr = reference_clip("piper")
+    async with raw_client(server) as c:
+        await c.asend({"type": "voice.register", "id": "good"})
+        await c.asend_bytes(wav_bytes(pcm, sr))
+        ready = await c.anext()
+        assert isinstance(ready, VoiceReady) and ready.id == "good"
+        await c.asend({"type": "voice.register", "id": "bad"})
+        await c.asend_bytes(b"not audio at all" * 100)
+        await c.asend({"type": "speak", "id": "m", "text": "Still my voice."})
+        await c.asend({"type": "voice.use", "voice_id": "v_nope", "id": "use"})
+        errors: dict[str | None, str] = {}
+        while True:
+            msg = await c.anext()
+            if isinstance(msg, Error):
+                errors[msg.id] = msg.code
+            if isinstance(msg, AudioEnd):
+                assert msg.id == "m" and msg.samples > 0
+                break
+        while "use" not in errors:
+            msg = await c.anext()
+            assert isinstance(msg, Error)
+            errors[msg.id] = msg.code
+        assert errors == {"bad": "clip_not_audio", "use": "voice_not_found"}
+        await c.asend({"type": "speak", "id": "m2", "text": "And again."})
+        end = await c.await_type("audio.end")
+        assert isinstance(end, AudioEnd) and end.id == "m2"
