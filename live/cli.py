@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -28,6 +29,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="shared embedding cache, redis:// or rediss:// (LIVEVOICE_REDIS_URL); "
         "without it voices are cached in process only",
     )
+    serve.add_argument(
+        "--data-dir",
+        help="without --redis-url: an embedded Redis keeps voices here across restarts "
+        "(LIVEVOICE_DATA_DIR; default ~/.local/share/livevoice; 'none' keeps them in memory)",
+    )
     serve.add_argument("--device", choices=["cpu", "cuda"], help="model device (default: auto)")
     serve.add_argument(
         "--tokens-file",
@@ -38,12 +44,35 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+DEFAULT_DATA_DIR = Path("~/.local/share/livevoice")
 
 
 def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     token = sub.add_parser("token", help="make a bearer token for a tenant")
     token.add_argument("tenant")
     token.set_defaults(func=_token)
+
+
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # No options of its own (prefix_chars): everything after `bench` goes to the bench's parser.
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark the voice cache and live sessions (source checkout; `bench --help`)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    bench.add_argument("args", nargs="*")
+    bench.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        import bench
+    except ImportError:  # the bench and the tests it reuses live in the checkout, not the wheel
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        import bench
+    result: int = bench.main(args.args, prog="livevoice bench")
+    return result
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -107,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _token_parser(sub)
+    _bench_parser(sub)
     try:
         from clients.cli import add_commands
     except ImportError:  # the clients' commands land separately
@@ -125,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_url=args.redis_url,
             device=args.device,
             tokens_file=args.tokens_file,
+            data_dir=args.data_dir,
         )
+        if settings.data_dir is None:
+            settings = dataclasses.replace(settings, data_dir=str(DEFAULT_DATA_DIR))
+        elif settings.data_dir.lower() == "none":
+            settings = dataclasses.replace(settings, data_dir=None)
         _run(aserve(settings))
         return 0
     result: int = args.func(args)

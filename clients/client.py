@@ -1,0 +1,705 @@
+"""An async client for the livevoice protocol, on aiohttp's WebSocket and ``protocol/`` alone.
+
+One reader task per socket dispatches what the server sends: ``queued``, ``audio.*``,
+``cancelled`` and errors carrying an id go to the :class:`Utterance` with that id; audio frames go
+to the utterance whose ``audio.start`` announced their stream; ``voice.ready`` and errors without
+an id answer the oldest pending ``voice.register`` / ``voice.use`` (the protocol gives those no id,
+so one voice request is in flight at a time); ``pong`` answers the ping with its id.
+
+**Reconnect.** When the socket drops, everything in flight on it fails with
+:class:`ConnectionLost` — nothing is re-sent, because a message may already have been partly
+spoken and only the caller knows whether to say it again. The client then reconnects with
+bounded, jittered exponential backoff, says hello again and re-pins its voice with ``voice.use``
+and the id from the last ``voice.ready``. If the server no longer knows that id
+(``voice_not_found``: a restarted server with an in-process voice directory) it uploads the clip it
+kept from :meth:`LivevoiceClient.aregister` again. Calls made while reconnecting wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import aiohttp
+
+from protocol import PROTOCOL_VERSION, AudioFrame, LivevoiceError, decode_server, encode
+from protocol.errors import (
+    BadAudioFrame,
+    ClipTooLarge,
+    DuplicateId,
+    Unauthorized,
+    Unsupported,
+    VoiceNotFound,
+    all_codes,
+)
+from protocol.messages import (
+    AudioEnd,
+    AudioStart,
+    Cancel,
+    Cancelled,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Queued,
+    Ready,
+    Speak,
+    VoiceDelete,
+    VoiceDeleted,
+    VoiceReady,
+    VoiceRegister,
+    VoiceUse,
+)
+from protocol.state import CLIP_FORMATS
+
+log = logging.getLogger(__name__)
+
+CLIENT_NAME = "livevoice-python/0.1"
+# Close codes after which trying again cannot help (see the error table in protocol/SPEC.md).
+FATAL_CLOSE_CODES = frozenset({4401})
+
+
+class ConnectionLost(ConnectionError):
+    """The socket dropped while this request was in flight; it was not re-sent.
+
+    Deliberately not a ``LivevoiceError``: those are wire errors with a code the server sends.
+    """
+
+
+class ClientClosed(ConnectionError):
+    """The client was closed, or gave up reconnecting."""
+
+
+def error_from_wire(message: Error) -> LivevoiceError:
+    """The typed exception for an ``error`` message, looked up by its code."""
+    cls = all_codes().get(message.code, LivevoiceError)
+    exc = cls(message.message, message_id=message.id)
+    if cls is LivevoiceError:
+        # A code this client does not know (a newer server): keep it rather than say internal_error.
+        exc.code = message.code  # type: ignore[misc]
+    return exc
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect delays: ``initial * factor**n`` capped at ``maximum``, each scaled by a random
+    factor in ``[1 - jitter, 1]`` so that many clients dropped at once do not return in step."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    factor: float = 2.0
+    jitter: float = 0.5
+    max_attempts: int | None = None
+    """Give up (and fail every later call with ``ClientClosed``) after this many failed tries."""
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.maximum, self.initial * self.factor**attempt)
+        return base * (1.0 - self.jitter * random.random())
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResult:
+    """How one ``speak`` ended: the ``audio.end`` fields and all of its PCM."""
+
+    id: str
+    stream: int | None
+    """``None`` when the message was dropped (``cancelled``) before any audio."""
+    sample_rate: int | None
+    frames: int
+    samples: int
+    duration_ms: float
+    ttfa_ms: float
+    cancelled: bool
+    pcm: bytes
+    """Signed 16-bit little-endian mono samples at ``sample_rate``."""
+
+
+class Utterance:
+    """One accepted ``speak``: iterate it for PCM as it arrives, or await :meth:`aresult`."""
+
+    def __init__(self, message_id: str) -> None:
+        self.id = message_id
+        self.queued: Queued | None = None
+        self.start: AudioStart | None = None
+        self.end: AudioEnd | None = None
+        self._chunks: list[bytes] = []
+        self._grew = asyncio.Event()
+        self._next_seq = 0
+        self._queued_fut: asyncio.Future[Queued] = asyncio.get_running_loop().create_future()
+        self._done: asyncio.Future[SpeechResult] = asyncio.get_running_loop().create_future()
+
+    @property
+    def done(self) -> bool:
+        return self._done.done()
+
+    def __repr__(self) -> str:
+        return f"<Utterance {self.id!r} frames={len(self._chunks)} done={self.done}>"
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """PCM of each audio frame, in order. Raises the message's error if it failed."""
+        i = 0
+        while True:
+            grew = self._grew
+            while i < len(self._chunks):
+                yield self._chunks[i]
+                i += 1
+            if self._done.done():
+                self._done.result()  # raises the failure, if any
+                return
+            await grew.wait()
+
+    async def aresult(self) -> SpeechResult:
+        """Waits for ``audio.end`` (or ``cancelled``) and returns it with all the PCM."""
+        return await asyncio.shield(self._done)
+
+    # --- fed by the client's reader -----------------------------------------------------------
+    def _signal(self) -> None:
+        grew, self._grew = self._grew, asyncio.Event()
+        grew.set()
+
+    def _on_queued(self, message: Queued) -> None:
+        self.queued = message
+        if not self._queued_fut.done():
+            self._queued_fut.set_result(message)
+
+    def _on_start(self, message: AudioStart) -> None:
+        self.start = message
+
+    def _on_frame(self, frame: AudioFrame) -> None:
+        if self._done.done():
+            return
+        if frame.seq != self._next_seq:
+            self._fail(
+                BadAudioFrame(
+                    f"stream {frame.stream}: expected frame {self._next_seq}, got {frame.seq}",
+                    message_id=self.id,
+                )
+            )
+            return
+        self._next_seq += 1
+        self._chunks.append(frame.pcm)
+        self._signal()
+
+    def _on_end(self, message: AudioEnd) -> None:
+        self.end = message
+        got = sum(len(c) for c in self._chunks) // 2
+        if message.frames != len(self._chunks) or message.samples != got:
+            self._fail(
+                BadAudioFrame(
+                    f"audio.end announces {message.frames} frames / {message.samples} samples, "
+                    f"received {len(self._chunks)} / {got}",
+                    message_id=self.id,
+                )
+            )
+            return
+        self._finish(
+            SpeechResult(
+                id=self.id,
+                stream=message.stream,
+                sample_rate=self.start.sample_rate if self.start else None,
+                frames=message.frames,
+                samples=message.samples,
+                duration_ms=message.duration_ms,
+                ttfa_ms=message.ttfa_ms,
+                cancelled=message.cancelled,
+                pcm=b"".join(self._chunks),
+            )
+        )
+
+    def _on_cancelled(self) -> None:
+        self._finish(SpeechResult(self.id, None, None, 0, 0, 0.0, 0.0, True, b""))
+
+    def _finish(self, result: SpeechResult) -> None:
+        if not self._done.done():
+            self._done.set_result(result)
+        self._signal()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._queued_fut.done():
+            self._queued_fut.set_exception(exc)
+            self._queued_fut.exception()  # retrieved: aspeak may have stopped waiting
+        if not self._done.done():
+            self._done.set_exception(exc)
+            self._done.exception()  # nobody may ever ask for it
+        self._signal()
+
+
+@dataclass(eq=False)
+class _VoiceRequest:
+    """The one voice request in flight: ``voice.register`` / ``voice.use`` (answered by
+    ``voice.ready``) or ``voice.delete`` (answered by ``voice.deleted``), or an error without id."""
+
+    message: VoiceRegister | VoiceUse | VoiceDelete
+    done: asyncio.Future[Message] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def answer(self, message: Message) -> bool:
+        wanted = VoiceDeleted if isinstance(self.message, VoiceDelete) else VoiceReady
+        if not isinstance(message, wanted) or self.done.done():
+            return False
+        if isinstance(message, VoiceDeleted) and message.voice_id is None:
+            return False  # a notice that a pinned voice was purged, not the answer
+        self.done.set_result(message)
+        return True
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+            self.done.exception()  # retrieved: the caller may have stopped waiting
+
+
+class LivevoiceClient:
+    """A session with a livevoice server that survives dropped sockets.
+
+    ::
+
+        async with LivevoiceClient("ws://127.0.0.1:8765/ws") as client:
+            await client.aregister(Path("me.wav").read_bytes(), name="me")
+            utterance = await client.aspeak("Hello chat!")
+            async for pcm in utterance:
+                play(pcm)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        client_name: str = CLIENT_NAME,
+        reconnect: bool = True,
+        backoff: Backoff = Backoff(),
+        timeout: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.client_name = client_name
+        self.reconnect = reconnect
+        self.backoff = backoff
+        self.timeout = timeout
+        """Bound on each wait for an answer (ready, voice.ready, queued, pong) or a reconnect."""
+        self.ready: Ready | None = None
+        self.voice: VoiceReady | None = None
+        """The voice pinned by the last ``aregister`` / ``ause``; re-pinned on reconnect."""
+        self.reconnects = 0
+        """Sessions opened after a drop."""
+        self.clip_reuploads = 0
+        """Reconnects where the server no longer knew the voice id and the clip was sent again."""
+        self._clip: tuple[str, bytes, str | None, str | None] | None = None
+        """Voice id, clip, name and format of the last registration: the reconnect fallback."""
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._online = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._closing = False
+        self._send_lock = asyncio.Lock()
+        self._ready_fut: asyncio.Future[Ready] | None = None
+        # The protocol gives voice requests no id and the server answers them from background
+        # tasks (a registration can finish after a later voice.use), so one is in flight at once.
+        self._voice_lock = asyncio.Lock()
+        self._voice_request: _VoiceRequest | None = None
+        self._pings: dict[str, asyncio.Future[None]] = {}
+        self._utterances: dict[str, Utterance] = {}
+        self._streams: dict[int, Utterance] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def __aenter__(self) -> LivevoiceClient:
+        await self.aconnect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def connected(self) -> bool:
+        return self._online.is_set() and self._fatal is None
+
+    async def aconnect(self) -> Ready:
+        """Opens the first session. A failure here raises at once; only later drops reconnect."""
+        if self._supervisor is not None:
+            raise RuntimeError("already connected")
+        self._http = aiohttp.ClientSession()
+        try:
+            ready = await self._aopen(restore=False)
+        except BaseException:
+            await self._http.close()
+            self._http = None
+            raise
+        self._supervisor = asyncio.create_task(self._asupervise(), name="livevoice-supervisor")
+        return ready
+
+    async def aclose(self) -> None:
+        self._closing = True
+        self._fatal = self._fatal or ClientClosed("the client was closed")
+        self._online.set()  # wake callers waiting for a reconnect; they see _fatal
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await self._adrop_socket()
+        self._fail_in_flight(ClientClosed("the client was closed"))
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # --- requests -------------------------------------------------------------------------------
+    async def aregister(
+        self, clip: bytes, name: str | None = None, format: str | None = None
+    ) -> VoiceReady:
+        """Uploads a reference clip and pins its voice. The bytes are kept for reconnects."""
+        if format is not None and format not in CLIP_FORMATS:
+            # Checked here: the server would answer twice (unsupported, then unexpected_binary).
+            raise Unsupported(f"clip format {format!r} is not one of {', '.join(CLIP_FORMATS)}")
+        await self._await_online()
+        limit = self.ready.limits.get("max_clip_bytes") if self.ready else None
+        if isinstance(limit, int) and len(clip) > limit:
+            raise ClipTooLarge(f"the clip is {len(clip)} bytes; this server takes {limit}")
+        ready = await self._aregister(clip, name, format)
+        self._clip = (ready.voice_id, clip, name, format)
+        return ready
+
+    async def ause(self, voice_id: str) -> VoiceReady:
+        """Pins a voice this tenant registered before, by id."""
+        await self._await_online()
+        ready = await self._avoice_request(VoiceUse(voice_id=voice_id))
+        assert isinstance(ready, VoiceReady)
+        self.voice = ready
+        return ready
+
+    async def adelete(self, voice_id: str) -> VoiceDeleted:
+        """Deletes a voice of this tenant everywhere. It is not re-pinned or re-uploaded later."""
+        await self._await_online()
+        self._forget(voice_id)
+        deleted = await self._avoice_request(VoiceDelete(voice_id=voice_id))
+        assert isinstance(deleted, VoiceDeleted)
+        return deleted
+
+    async def aspeak(
+        self, text: str, *, id: str | None = None, sample_rate: int | None = None
+    ) -> Utterance:
+        """Sends ``speak`` and returns once the server queued it (or raises its error)."""
+        message_id = id if id is not None else uuid.uuid4().hex[:12]
+        await self._await_online()
+        if message_id in self._utterances:
+            raise DuplicateId(
+                f"message id {message_id!r} is still in flight", message_id=message_id
+            )
+        utterance = Utterance(message_id)
+        self._utterances[message_id] = utterance
+        try:
+            await self._asend(Speak(id=message_id, text=text, sample_rate=sample_rate))
+            await asyncio.wait_for(asyncio.shield(utterance._queued_fut), self.timeout)
+        except BaseException:
+            # Rejected, or we stopped waiting before queued: either way it is not tracked further.
+            if self._utterances.get(message_id) is utterance and utterance.queued is None:
+                self._utterances.pop(message_id, None)
+            raise
+        return utterance
+
+    async def acancel(self, id: str | None = None) -> None:
+        """Cancels one message, or the current one and everything queued. The outcome arrives on
+        each utterance (``cancelled`` results)."""
+        await self._await_online()
+        await self._asend(Cancel(id=id))
+
+    async def aping(self) -> float:
+        """Round-trip time in seconds."""
+        await self._await_online()
+        ping_id = uuid.uuid4().hex[:8]
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[ping_id] = fut
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await self._asend(Ping(id=ping_id))
+            await asyncio.wait_for(fut, self.timeout)
+        finally:
+            self._pings.pop(ping_id, None)
+        return loop.time() - start
+
+    # --- connection -----------------------------------------------------------------------------
+    async def _aopen(self, *, restore: bool) -> Ready:
+        """Connects, says hello and (after a drop) re-pins the voice; then lets callers in."""
+        assert self._http is not None
+        ws = await asyncio.wait_for(
+            self._http.ws_connect(
+                self.url, max_msg_size=0, compress=0, autoping=True, heartbeat=15.0
+            ),
+            self.timeout,
+        )
+        self._ws = ws
+        self._ready_fut = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._aread(ws), name="livevoice-reader")
+        try:
+            hello = Hello(token=self.token, client=self.client_name, protocol=PROTOCOL_VERSION)
+            await self._asend(hello)
+            self.ready = await asyncio.wait_for(asyncio.shield(self._ready_fut), self.timeout)
+            if restore:
+                await self._arestore_voice()
+        except BaseException:
+            await self._adrop_socket()
+            raise
+        self._online.set()
+        return self.ready
+
+    def _forget(self, voice_id: str | None) -> None:
+        """Drops a deleted voice (``None``: the pinned one) so that no reconnect brings it back."""
+        if self.voice is not None and voice_id in (None, self.voice.voice_id):
+            self.voice = None
+        if self._clip is not None and voice_id in (None, self._clip[0]):
+            self._clip = None
+
+    async def _arestore_voice(self) -> None:
+        if self.voice is None:
+            return
+        voice_id = self.voice.voice_id
+        try:
+            ready = await self._avoice_request(VoiceUse(voice_id=voice_id))
+            assert isinstance(ready, VoiceReady)
+            self.voice = ready
+        except VoiceNotFound:
+            if self._clip is None or self._clip[0] != voice_id:
+                # Nothing to upload: go on without a voice; speak answers no_voice until one is set.
+                log.warning("server no longer knows voice %s and no clip is kept", voice_id)
+                self.voice = None
+                return
+            log.warning("server no longer knows voice %s; uploading the clip again", voice_id)
+            self.clip_reuploads += 1
+            await self._aregister(*self._clip[1:])
+
+    async def _asupervise(self) -> None:
+        """Waits for the socket to end, then reconnects until it works or the client gives up."""
+        while not self._closing:
+            assert self._reader is not None
+            await asyncio.wait([self._reader])
+            if self._closing:
+                return
+            if not self.reconnect or self._fatal is not None:
+                self._give_up(self._fatal or ClientClosed("the connection dropped"))
+                return
+            attempt = 0
+            while not self._closing:
+                delay = self.backoff.delay(attempt)
+                log.info("connection lost; reconnecting in %.2f s (try %d)", delay, attempt + 1)
+                await asyncio.sleep(delay)
+                try:
+                    await self._aopen(restore=True)
+                except (OSError, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                    log.info("reconnect failed: %s", exc)
+                except (Unauthorized, Unsupported) as exc:
+                    # Trying again cannot help: the server refuses this client.
+                    self._give_up(exc)
+                    return
+                except LivevoiceError as exc:
+                    # Busy or rate limited while re-pinning the voice: try again later.
+                    log.info("reconnect refused: %s: %s", exc.code, exc.message)
+                else:
+                    self.reconnects += 1
+                    log.info("reconnected (session %s)", self.ready and self.ready.session_id)
+                    break
+                attempt += 1
+                if self.backoff.max_attempts is not None and attempt >= self.backoff.max_attempts:
+                    self._give_up(ClientClosed(f"gave up reconnecting after {attempt} tries"))
+                    return
+
+    def _give_up(self, exc: BaseException) -> None:
+        self._fatal = exc
+        self._online.set()
+        self._fail_in_flight(exc)
+
+    async def _await_online(self) -> None:
+        if self._supervisor is None and self._fatal is None:
+            raise RuntimeError("call aconnect() first (or use 'async with')")
+        if not self._online.is_set():
+            await asyncio.wait_for(self._online.wait(), self.timeout * 2)
+        if self._fatal is not None:
+            raise ClientClosed(f"the client is not connected: {self._fatal}") from self._fatal
+
+    async def _adrop_socket(self) -> None:
+        if self._fatal is None:
+            self._online.clear()
+        ws, self._ws = self._ws, None
+        if ws is not None and not ws.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2.0)
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _asend(self, message: Message) -> None:
+        async with self._send_lock:
+            await self._asend_locked(message)
+
+    async def _asend_locked(self, message: Message) -> None:
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise ConnectionLost("not connected")
+        try:
+            await ws.send_str(encode(message))
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise ConnectionLost(f"sending {message.TYPE} failed: {exc}") from exc
+
+    async def _aregister(self, clip: bytes, name: str | None, format: str | None) -> VoiceReady:
+        ready = await self._avoice_request(VoiceRegister(name=name, format=format), clip)
+        assert isinstance(ready, VoiceReady)
+        self.voice = ready
+        return ready
+
+    async def _avoice_request(
+        self, message: VoiceRegister | VoiceUse | VoiceDelete, clip: bytes | None = None
+    ) -> Message:
+        await asyncio.wait_for(self._voice_lock.acquire(), self.timeout)
+        request = _VoiceRequest(message)
+        # Released when the answer comes (or the socket drops), not when the caller stops
+        # waiting: a late answer must never be taken for the next request's.
+        request.done.add_done_callback(lambda _: self._voice_lock.release())
+        self._voice_request = request
+        try:
+            # The clip must be the very next frame after voice.register: one send lock for both.
+            async with self._send_lock:
+                await self._asend_locked(message)
+                if clip is not None:
+                    ws = self._ws
+                    if ws is None or ws.closed:
+                        raise ConnectionLost("not connected")
+                    await ws.send_bytes(clip)
+        except BaseException as exc:
+            request.fail(ConnectionLost(f"sending {message.TYPE} failed: {exc}"))
+            raise
+        return await asyncio.wait_for(asyncio.shield(request.done), self.timeout)
+
+    # --- reading --------------------------------------------------------------------------------
+    async def _aread(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        reason = "the server closed the connection"
+        try:
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    self._dispatch(decode_server(msg.data))
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    self._dispatch_frame(AudioFrame.decode(msg.data))
+                elif msg.type is aiohttp.WSMsgType.ERROR:
+                    reason = f"socket error: {ws.exception()}"
+                    break
+            if ws.close_code in FATAL_CLOSE_CODES:
+                self._fatal = self._fatal or ClientClosed(
+                    f"the server closed the session ({ws.close_code})"
+                )
+        except LivevoiceError as exc:
+            # A frame this client cannot read: nothing on this socket can be trusted after it.
+            reason = f"unreadable frame from the server: {exc.code}: {exc.message}"
+            log.error("%s", reason)
+        finally:
+            if self._ws is ws:
+                self._ws = None
+            if self._fatal is None:
+                self._online.clear()
+            if not ws.closed:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            self._fail_in_flight(ConnectionLost(reason))
+
+    def _fail_in_flight(self, exc: BaseException) -> None:
+        if self._ready_fut is not None and not self._ready_fut.done():
+            self._ready_fut.set_exception(exc)
+            self._ready_fut.exception()
+        if self._voice_request is not None:
+            self._voice_request.fail(exc)
+            self._voice_request = None
+        for ping in self._pings.values():
+            if not ping.done():
+                ping.set_exception(exc)
+                ping.exception()
+        for utterance in self._utterances.values():
+            utterance._fail(exc)
+        self._utterances.clear()
+        self._streams.clear()
+
+    def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Error):
+            self._dispatch_error(message)
+        elif isinstance(message, Queued):
+            if (u := self._utterances.get(message.id)) is not None:
+                u._on_queued(message)
+        elif isinstance(message, AudioStart):
+            if (u := self._utterances.get(message.id)) is not None:
+                u._on_start(message)
+                self._streams[message.stream] = u
+        elif isinstance(message, AudioEnd):
+            self._streams.pop(message.stream, None)
+            if (u := self._utterances.pop(message.id, None)) is not None:
+                u._on_end(message)
+        elif isinstance(message, Cancelled):
+            if (u := self._utterances.pop(message.id, None)) is not None:
+                u._on_cancelled()
+        elif isinstance(message, VoiceReady | VoiceDeleted):
+            self._on_voice(message)
+        elif isinstance(message, Pong):
+            fut = self._pings.get(message.id) if message.id is not None else None
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif (
+            isinstance(message, Ready)
+            and self._ready_fut is not None
+            and not self._ready_fut.done()
+        ):
+            self._ready_fut.set_result(message)
+
+    def _dispatch_error(self, message: Error) -> None:
+        exc = error_from_wire(message)
+        if message.id is not None and (u := self._utterances.pop(message.id, None)) is not None:
+            for stream, owner in list(self._streams.items()):
+                if owner is u:
+                    del self._streams[stream]
+            u._fail(exc)
+        elif self._ready_fut is not None and not self._ready_fut.done():
+            self._ready_fut.set_exception(exc)  # hello refused (unauthorized, unsupported)
+        elif message.id is None and self._voice_request is not None:
+            self._voice_request.fail(exc)
+            self._voice_request = None
+        else:
+            log.warning("error from the server: %s: %s", message.code, message.message)
+
+    def _on_voice(self, message: VoiceReady | VoiceDeleted) -> None:
+        request = self._voice_request
+        if request is not None and request.answer(message):
+            self._voice_request = None
+        elif isinstance(message, VoiceDeleted) and message.pinned:
+            # Deleted by this tenant elsewhere: speak answers no_voice until another is set.
+            log.warning("the pinned voice was deleted")
+            self._forget(message.voice_id)
+        else:
+            log.warning("unexpected %s with no voice request pending", message.TYPE)
+
+    def _dispatch_frame(self, frame: AudioFrame) -> None:
+        utterance = self._streams.get(frame.stream)
+        if utterance is None:
+            log.warning("audio frame for unknown stream %d", frame.stream)
+            return
+        utterance._on_frame(frame)
+
+
+__all__ = [
+    "Backoff",
+    "ClientClosed",
+    "ConnectionLost",
+    "LivevoiceClient",
+    "SpeechResult",
+    "Utterance",
+    "error_from_wire",
+]

@@ -1,0 +1,520 @@
+// The livevoice widget: an OBS browser source (mode=overlay) and a chat TTS page (mode=chat).
+//
+// Configured by the page's query string:
+//   server   WebSocket URL (default: this host's /ws)      token   bearer token
+//   voice    voice id to pin with voice.use                volume  0..1 (default 1)
+//   mode     overlay (transparent, queue + skip + volume) | chat (adds a text box and a clip picker)
+//   buffer   jitter buffer in ms before each message starts (default 80)
+//
+// One WebSocket session; PCM goes to an AudioWorklet (player-worklet.js) running at the stream's
+// sample rate. An overlay speaks what it is sent on BroadcastChannel("livevoice") as
+// {type:"speak", text} / {type:"skip"}, or through window.livevoice.speak(). Test hooks and
+// counters live on window.livevoice.
+
+import * as lv from "./livevoice.js";
+
+const params = new URLSearchParams(location.search);
+const numberParam = (name, dflt, lo, hi) => {
+  const v = Number.parseFloat(params.get(name) ?? "");
+  return Number.isFinite(v) ? Math.min(hi, Math.max(lo, v)) : dflt;
+};
+const config = {
+  server: params.get("server") || `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`,
+  token: params.get("token") || undefined,
+  voice: params.get("voice") || null,
+  volume: numberParam("volume", 1, 0, 1),
+  mode: params.get("mode") === "chat" ? "chat" : "overlay",
+  bufferMs: numberParam("buffer", 80, 0, 2000),
+};
+const CLIENT_NAME = "livevoice-widget/0.1";
+const TERMINAL = new Set(["done", "cancelled", "failed"]);
+
+// --- state and test hooks -------------------------------------------------------------------
+const hooks = {
+  config,
+  status: "connecting",
+  sessionId: null,
+  ready: null,
+  voice: null, // the last voice.ready
+  audio: { state: "none", sampleRate: null },
+  sampleRate: undefined, // what speak asks for: the audio context's rate when the server offers it
+  counters: {
+    framesReceived: 0,
+    framesOutOfOrder: 0,
+    framesUnknownStream: 0,
+    underruns: 0,
+    messagesDone: 0,
+    messagesCancelled: 0,
+    messagesFailed: 0,
+    reconnects: 0,
+    clipReuploads: 0,
+  },
+  // Per message with audio, by track (a page-wide number: stream numbers restart with each session):
+  // {id, stream, frames, nextSeq, inOrder, samples, played, underruns, startFrame, endFrame}
+  tracks: {},
+  messages: {}, // id -> {id, text, state, position, stream, track, end, skipped, error}
+  errors: [], // errors that concern no message: {code, message}
+  speak,
+  skip,
+  cancelAll,
+  register,
+  useVoice,
+  setVolume,
+};
+window.livevoice = hooks;
+
+const ui = {
+  app: document.getElementById("app"),
+  status: document.getElementById("status"),
+  queue: document.getElementById("queue"),
+  skip: document.getElementById("skip"),
+  volume: document.getElementById("volume"),
+  chat: document.getElementById("chat"),
+  text: document.getElementById("text"),
+  clip: document.getElementById("clip"),
+  voice: document.getElementById("voice"),
+  overlayLink: document.getElementById("overlay-link"),
+  enableAudio: document.getElementById("enable-audio"),
+};
+
+// --- audio ----------------------------------------------------------------------------------
+let ctx = null;
+let player = null;
+let gain = null;
+
+async function setupAudio(rate) {
+  if (ctx) return;
+  try {
+    ctx = new AudioContext({ sampleRate: rate, latencyHint: "interactive" });
+  } catch {
+    ctx = new AudioContext({ latencyHint: "interactive" }); // this browser refuses that rate
+  }
+  if (!ctx.audioWorklet) {
+    throw new Error("AudioWorklet needs a secure context: open the widget over https or from localhost");
+  }
+  await ctx.audioWorklet.addModule(new URL("./player-worklet.js", import.meta.url));
+  player = new AudioWorkletNode(ctx, "livevoice-player", {
+    numberOfInputs: 0,
+    numberOfOutputs: 1,
+    outputChannelCount: [1],
+    processorOptions: { prebufferMs: config.bufferMs },
+  });
+  gain = new GainNode(ctx, { gain: config.volume });
+  player.connect(gain).connect(ctx.destination);
+  player.port.onmessage = (event) => onPlayer(event.data);
+  hooks.audio.sampleRate = ctx.sampleRate;
+  const syncState = () => {
+    hooks.audio.state = ctx.state;
+    ui.enableAudio.hidden = ctx.state === "running";
+  };
+  ctx.onstatechange = syncState;
+  ctx.resume().catch(() => {}); // refused without a user gesture unless autoplay is allowed
+  syncState();
+}
+
+ui.enableAudio.addEventListener("click", () => ctx && ctx.resume());
+
+function onPlayer(msg) {
+  const s = hooks.tracks[msg.track];
+  if (!s) return;
+  const m = hooks.messages[s.id];
+  if (msg.type === "started") {
+    s.startFrame = msg.frame;
+    if (m && !TERMINAL.has(m.state)) m.state = "playing";
+  } else if (msg.type === "underrun") {
+    s.underruns += 1;
+    hooks.counters.underruns += 1;
+  } else if (msg.type === "finished") {
+    s.played = msg.played;
+    s.endFrame = msg.frame;
+    if (m) {
+      if (m.lost) finish(m, "failed", { code: "connection_lost", message: "the connection dropped" });
+      else if (m.skipped || msg.skipped || (m.end && m.end.cancelled)) finish(m, "cancelled");
+      else finish(m, "done");
+    }
+  }
+  render();
+}
+
+function toFloat(pcm, fromRate) {
+  const samples = lv.pcmToFloat32(pcm);
+  const toRate = ctx.sampleRate;
+  if (fromRate === toRate) return samples;
+  // Only when the browser refused the stream's rate for the context: linear, good enough for speech.
+  const out = new Float32Array(Math.round((samples.length * toRate) / fromRate));
+  const step = fromRate / toRate;
+  for (let i = 0; i < out.length; i++) {
+    const x = i * step;
+    const j = Math.floor(x);
+    const a = samples[j] ?? 0;
+    const b = samples[j + 1] ?? a;
+    out[i] = a + (b - a) * (x - j);
+  }
+  return out;
+}
+
+function setVolume(v) {
+  config.volume = Math.min(1, Math.max(0, Number(v)));
+  if (gain) gain.gain.setTargetAtTime(config.volume, ctx.currentTime, 0.02);
+  ui.volume.value = String(config.volume);
+}
+
+// --- connection -----------------------------------------------------------------------------
+let ws = null;
+let attempt = 0;
+let nextId = 0;
+let pendingVoice = []; // voice.register / voice.use answers come without an id: first in, first out
+let clip = null; // {bytes, name, format, voiceId}: re-uploaded if a restarted server lost the voice
+let lastTrack = 0;
+let sessionTracks = new Map(); // this session's stream number -> track
+
+function connect() {
+  hooks.status = attempt ? "reconnecting" : "connecting";
+  render();
+  sessionTracks = new Map();
+  const sock = new WebSocket(config.server);
+  sock.binaryType = "arraybuffer";
+  ws = sock;
+  sock.onopen = () => sock.send(lv.hello({ token: config.token, client: CLIENT_NAME }));
+  sock.onmessage = (event) => {
+    if (sock !== ws) return;
+    try {
+      if (typeof event.data === "string") onControl(lv.decodeServer(event.data));
+      else onAudio(lv.decodeAudioFrame(event.data));
+    } catch (exc) {
+      report(exc.code || "client_error", exc.message);
+    }
+  };
+  sock.onclose = (event) => {
+    if (sock === ws) onClose(event);
+  };
+}
+
+function onClose(event) {
+  ws = null;
+  for (const p of pendingVoice) p.reject(new lv.LivevoiceError("connection_lost", "the connection dropped"));
+  pendingVoice = [];
+  for (const m of Object.values(hooks.messages)) {
+    if (TERMINAL.has(m.state)) continue;
+    if (m.track != null && player) {
+      m.lost = true; // what arrived still plays out; then it counts as failed
+      player.port.postMessage({ type: "end", track: m.track });
+    } else {
+      finish(m, "failed", { code: "connection_lost", message: "the connection dropped" });
+    }
+  }
+  if (event.code === 4401) {
+    hooks.status = "unauthorized";
+    render();
+    return;
+  }
+  hooks.status = "reconnecting";
+  const delay = Math.min(5000, 250 * 2 ** attempt) * (1 - 0.5 * Math.random());
+  attempt += 1;
+  setTimeout(connect, delay);
+  render();
+}
+
+function send(text) {
+  if (!ws || ws.readyState !== WebSocket.OPEN) throw new lv.LivevoiceError("connection_lost", "not connected");
+  ws.send(text);
+}
+
+async function onReady(msg) {
+  const sock = ws;
+  const reconnect = hooks.sessionId !== null;
+  hooks.ready = msg;
+  hooks.sessionId = msg.session_id;
+  const rates = msg.formats.sample_rates || [];
+  await setupAudio(msg.formats.default_sample_rate || 48000);
+  hooks.sampleRate = rates.includes(ctx.sampleRate) ? ctx.sampleRate : undefined;
+  const voiceId = hooks.voice ? hooks.voice.voice_id : config.voice;
+  if (voiceId) {
+    try {
+      await useVoice(voiceId);
+    } catch (exc) {
+      if (exc.code === "voice_not_found" && clip && clip.voiceId === voiceId) {
+        hooks.counters.clipReuploads += 1;
+        await sendClip(clip);
+      } else {
+        report(exc.code, `voice ${voiceId}: ${exc.message}`);
+      }
+    }
+  }
+  if (ws !== sock) return; // dropped again meanwhile
+  if (reconnect) hooks.counters.reconnects += 1;
+  keepAlive(sock, msg.limits.idle_timeout_s);
+  attempt = 0;
+  hooks.status = "open";
+  render();
+}
+
+// The server closes sessions that send nothing for idle_timeout_s (an overlay may wait for hours);
+// a browser cannot send WebSocket pings, so it sends protocol pings.
+function keepAlive(sock, idleTimeoutS) {
+  const every = Math.max(5, Math.min(60, (idleTimeoutS || 600) / 3)) * 1000;
+  const timer = setInterval(() => {
+    if (sock !== ws || sock.readyState !== WebSocket.OPEN) clearInterval(timer);
+    else sock.send(lv.ping());
+  }, every);
+}
+
+function onControl(msg) {
+  const m = msg.id != null ? hooks.messages[msg.id] : undefined;
+  switch (msg.type) {
+    case "ready":
+      onReady(msg).catch((exc) => report(exc.code || "client_error", exc.message));
+      break;
+    case "voice.ready": {
+      hooks.voice = msg;
+      const p = pendingVoice.shift();
+      if (p) p.resolve(msg);
+      break;
+    }
+    case "voice.deleted":
+      // Deleted by this tenant (here or elsewhere): never re-pin or re-upload it.
+      if (msg.pinned || (hooks.voice && msg.voice_id === hooks.voice.voice_id)) hooks.voice = null;
+      if (clip && (msg.pinned || msg.voice_id === clip.voiceId)) clip = null;
+      if (msg.pinned) report("voice_deleted", "the voice was deleted; register or pick another");
+      break;
+    case "queued":
+      if (m && m.state === "sending") {
+        m.state = "queued";
+        m.position = msg.position;
+      }
+      break;
+    case "audio.start":
+      if (!m) break;
+      m.stream = msg.stream;
+      m.track = ++lastTrack;
+      m.sampleRate = msg.sample_rate;
+      sessionTracks.set(msg.stream, m.track);
+      if (!TERMINAL.has(m.state) && !m.skipped) m.state = "streaming";
+      hooks.tracks[m.track] = {
+        id: msg.id, stream: msg.stream, frames: 0, nextSeq: 0, inOrder: true, samples: 0,
+        played: 0, underruns: 0, startFrame: null, endFrame: null,
+      };
+      player.port.postMessage({ type: "start", track: m.track });
+      if (m.skipped) player.port.postMessage({ type: "skip", track: m.track });
+      break;
+    case "audio.end":
+      if (!m) break;
+      m.end = msg;
+      if (m.track != null) player.port.postMessage({ type: "end", track: m.track });
+      break;
+    case "cancelled":
+      if (m) {
+        m.serverCancelled = true;
+        finish(m, "cancelled");
+      }
+      break;
+    case "error":
+      if (m) {
+        if (m.track != null) player.port.postMessage({ type: "end", track: m.track });
+        finish(m, "failed", { code: msg.code, message: msg.message });
+      } else if (msg.id == null && pendingVoice.length) {
+        pendingVoice.shift().reject(new lv.LivevoiceError(msg.code, msg.message));
+      } else {
+        report(msg.code, msg.message);
+      }
+      break;
+  }
+  render();
+}
+
+function onAudio(frame) {
+  const track = sessionTracks.get(frame.stream);
+  const s = hooks.tracks[track];
+  if (!s) {
+    hooks.counters.framesUnknownStream += 1;
+    return;
+  }
+  hooks.counters.framesReceived += 1;
+  s.frames += 1;
+  if (frame.seq !== s.nextSeq) {
+    s.inOrder = false;
+    hooks.counters.framesOutOfOrder += 1;
+  }
+  s.nextSeq = frame.seq + 1;
+  s.samples += frame.pcm.length;
+  const m = hooks.messages[s.id];
+  const samples = toFloat(frame.pcm, (m && m.sampleRate) || ctx.sampleRate);
+  player.port.postMessage({ type: "pcm", track, samples }, [samples.buffer]);
+}
+
+function finish(m, state, error) {
+  if (TERMINAL.has(m.state)) return;
+  m.state = state;
+  m.finishedAt = performance.now();
+  if (error) m.error = error;
+  if (state === "done") hooks.counters.messagesDone += 1;
+  else if (state === "cancelled") hooks.counters.messagesCancelled += 1;
+  else hooks.counters.messagesFailed += 1;
+  setTimeout(render, 3100); // finished rows fade out of the queue
+}
+
+function report(code, message) {
+  hooks.errors.push({ code, message });
+  console.warn(`livevoice: ${code}: ${message}`);
+  render();
+}
+
+// --- requests -------------------------------------------------------------------------------
+function voiceRequest(frames) {
+  return new Promise((resolve, reject) => {
+    try {
+      for (const f of frames) send(f); // back to back: the clip must follow voice.register directly
+    } catch (exc) {
+      reject(exc);
+      return;
+    }
+    pendingVoice.push({ resolve, reject });
+  });
+}
+
+function useVoice(voiceId) {
+  return voiceRequest([lv.voiceUse(voiceId)]);
+}
+
+function clipFormat(name) {
+  const ext = (name.split(".").pop() || "").toLowerCase();
+  return ["wav", "flac", "ogg", "mp3"].includes(ext) ? ext : undefined;
+}
+
+async function sendClip(c) {
+  const ready = await voiceRequest([lv.voiceRegister({ name: c.name, format: c.format }), c.bytes]);
+  c.voiceId = ready.voice_id;
+  return ready;
+}
+
+/** Registers a reference clip (a File, Blob or ArrayBuffer) and pins its voice. */
+async function register(file, name) {
+  const bytes = file instanceof ArrayBuffer ? file : await file.arrayBuffer();
+  const fileName = name || file.name || "clip";
+  const limit = hooks.ready && hooks.ready.limits.max_clip_bytes;
+  if (limit && bytes.byteLength > limit) {
+    throw new lv.LivevoiceError("clip_too_large", `the clip is ${bytes.byteLength} bytes; this server takes ${limit}`);
+  }
+  const c = { bytes, name: fileName.replace(/\.[^.]+$/, ""), format: clipFormat(fileName), voiceId: null };
+  hooks.status = "registering";
+  render();
+  try {
+    const ready = await sendClip(c);
+    clip = c;
+    return ready;
+  } finally {
+    if (hooks.status === "registering") hooks.status = ws ? "open" : "reconnecting";
+    render();
+  }
+}
+
+/** Speaks `text`; returns the message id (progress in window.livevoice.messages[id]). */
+function speak(text) {
+  const id = `w${++nextId}`;
+  const m = {
+    id, text, state: "sending", position: null, stream: null, track: null, end: null,
+    skipped: false, serverCancelled: false, error: null,
+  };
+  hooks.messages[id] = m;
+  try {
+    send(lv.speak(id, text, { sampleRate: hooks.sampleRate }));
+  } catch (exc) {
+    finish(m, "failed", { code: exc.code || "client_error", message: exc.message });
+  }
+  render();
+  return id;
+}
+
+/** Skips what is playing now (or, if nothing is, the oldest waiting message). */
+function skip() {
+  const live = Object.values(hooks.messages).filter((m) => !TERMINAL.has(m.state) && !m.skipped);
+  const m = live.find((x) => x.state === "playing") || live[0];
+  if (!m) return null;
+  m.skipped = true;
+  if (m.track != null && player) player.port.postMessage({ type: "skip", track: m.track });
+  try {
+    send(lv.cancel(m.id));
+  } catch {
+    // offline: the local skip is all there is to do
+  }
+  render();
+  return m.id;
+}
+
+function cancelAll() {
+  for (const m of Object.values(hooks.messages)) {
+    if (!TERMINAL.has(m.state) && m.track != null && player) player.port.postMessage({ type: "skip", track: m.track });
+    if (!TERMINAL.has(m.state)) m.skipped = true;
+  }
+  try {
+    send(lv.cancel());
+  } catch {
+    // offline
+  }
+  render();
+}
+
+// --- UI -------------------------------------------------------------------------------------
+function render() {
+  ui.app.dataset.status = hooks.status;
+  const v = hooks.voice;
+  ui.status.textContent = `${hooks.status}${v ? ` · voice ${v.name || v.voice_id} (${v.source})` : " · no voice"}`;
+  const now = performance.now();
+  const rows = Object.values(hooks.messages).filter((m) => !TERMINAL.has(m.state) || now - m.finishedAt < 3000);
+  ui.queue.replaceChildren(
+    ...rows.map((m) => {
+      const li = document.createElement("li");
+      li.className = m.state;
+      li.dataset.id = m.id;
+      const label = document.createElement("span");
+      label.className = "state";
+      label.textContent = m.state === "failed" && m.error ? m.error.code : m.state;
+      li.append(label, document.createTextNode(m.text));
+      return li;
+    }),
+  );
+  ui.skip.disabled = !rows.some((m) => !TERMINAL.has(m.state));
+  if (config.mode === "chat") {
+    ui.voice.textContent = v ? `${v.voice_id} · ${v.source} · ${v.ms.toFixed(0)} ms` : "no voice yet";
+    if (v) {
+      const link = new URL(location.href);
+      link.search = "";
+      link.searchParams.set("mode", "overlay");
+      link.searchParams.set("voice", v.voice_id);
+      if (config.token) link.searchParams.set("token", config.token);
+      ui.overlayLink.href = link.href;
+      ui.overlayLink.hidden = false;
+    }
+  }
+}
+
+function init() {
+  ui.app.className = config.mode;
+  document.documentElement.classList.add(config.mode);
+  ui.chat.hidden = config.mode !== "chat";
+  ui.volume.value = String(config.volume);
+  ui.volume.addEventListener("input", () => setVolume(ui.volume.value));
+  ui.skip.addEventListener("click", () => skip());
+  ui.chat.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = ui.text.value.trim();
+    if (!text) return;
+    if (ctx && ctx.state !== "running") ctx.resume(); // typing is a user gesture
+    speak(text);
+    ui.text.value = "";
+  });
+  ui.clip.addEventListener("change", () => {
+    const file = ui.clip.files && ui.clip.files[0];
+    if (file) register(file).catch((exc) => report(exc.code || "client_error", exc.message));
+  });
+  if ("BroadcastChannel" in window && config.mode === "overlay") {
+    new BroadcastChannel("livevoice").onmessage = (event) => {
+      const d = event.data || {};
+      if (d.type === "speak" && typeof d.text === "string") speak(d.text);
+      else if (d.type === "skip") skip();
+    };
+  }
+  connect();
+}
+
+init();
