@@ -9,6 +9,9 @@ COPY live ./live
 COPY protocol ./protocol
 COPY clients ./clients
 RUN make install
-ENV LIVEVOICE_HOST=0.0.0.0
+# Without LIVEVOICE_TOKENS (or a tokens file) the server refuses to listen beyond loopback,
+# which inside a container means nobody can reach it: pass tokens at `docker run`.
+ENV LIVEVOICE_HOST=0.0.0.0 LIVEVOICE_DATA_DIR=/data
+VOLUME /data
 EXPOSE 8765
 CMD [".venv/bin/livevoice", "serve"]
