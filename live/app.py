@@ -8,7 +8,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import WSCloseCode, web
 
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class Closeable(Protocol):
+    async def aclose(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Services:
     """Everything a session needs, built once per app and closed on cleanup."""
@@ -36,7 +40,7 @@ class Services:
     store: VoiceStore
     engine: SpeechEngine
     tier: RedisTier | None = None
-    owned: list[object] = field(default_factory=list)
+    owned: list[Closeable] = field(default_factory=list)
     """What ``abuild_services`` built and so closes; injected models belong to the caller."""
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -87,7 +91,7 @@ class Services:
             await asyncio.wait(self._background, timeout=1.0)
         await self.aclose_sockets()
         for resource in reversed(self.owned):
-            await resource.aclose()  # type: ignore[attr-defined]
+            await resource.aclose()
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, 5.0)
@@ -104,7 +108,7 @@ async def abuild_services(
 ) -> Services:
     """Load the models (off the event loop) and connect the tiers the settings ask for."""
     metrics = Metrics()
-    owned: list[object] = []
+    owned: list[Closeable] = []
     if embedder is None:
         from .encoder import EncoderWorker, SpeakerEncoder
 
