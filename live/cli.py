@@ -107,8 +107,8 @@ async def aserve(settings: Settings) -> None:
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     log.info("livevoice listening on http://%s:%d (ws at /ws)", settings.host, settings.port)
-    if settings.redis_url is None:
-        log.info("no Redis URL: voices are cached in this process only")
+    if settings.redis_url is None and settings.data_dir is None:
+        log.info("no Redis URL and no data dir: voices are cached in this process only")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
