@@ -106,7 +106,12 @@ async def aserve(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
-    log.info("livevoice listening on http://%s:%d (ws at /ws)", settings.host, settings.port)
+    log.info(
+        "livevoice listening on http://%s:%d (ws at /ws; %s event loop)",
+        settings.host,
+        settings.port,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
+    )
     if settings.redis_url is None and settings.data_dir is None:
         log.info("no Redis URL and no data dir: voices are cached in this process only")
     stop = asyncio.Event()
