@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -37,16 +38,35 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float =
     raise TimeoutError("the server did not become ready")
 
 
-async def test_serve_process_speaks_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
     port = free_port()
     env = {**os.environ, "LIVEVOICE_PORT": str(port), "LIVEVOICE_MAX_QUEUE": "5"}
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "live.cli", "serve", "--data-dir", str(tmp_path / "data")],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "live.cli", "serve", "--data-dir", str(tmp_path / "data")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield port, proc, log_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)
+
+
+async def test_serve_process_speaks_and_stops_cleanly(
+    serve: tuple[int, subprocess.Popen[bytes], Path], tmp_path: Path
+) -> None:
+    port, proc, log_path = serve
     try:
         await wait_ready(f"http://127.0.0.1:{port}", proc)
         pcm, sr = reference_clip("piper")
@@ -60,10 +80,8 @@ async def test_serve_process_speaks_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(audio) == result.samples > 24000 // 2
         assert float(np.abs(audio).max()) > 1000
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-        log.close()
-    text = (tmp_path / "serve.log").read_text()
+        code = await asyncio.to_thread(stop, proc)
+    text = log_path.read_text()
     assert code == 0, text
     assert "uvloop event loop" in text
     assert "embedded Redis (pid" in text
