@@ -1,0 +1,24 @@
+"""Benchmarks of the voice cache and the live path, side by side in one run, with plots.
+
+``python -m bench`` (or ``livevoice bench``) starts the real server in this process on a free
+loopback port, a real ``redis-server``, and drives both with real WebSocket clients. Scenarios:
+``lookup``, ``hot_voices``, ``live_sessions``, ``outage``, ``memory``. See ``docs/benchmarks.md``.
+
+The bench lives in the source checkout (it reuses ``tests.redis_server`` and ``tests.clips``) and
+needs the test extras (matplotlib among them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["SCENARIOS", "main"]
+
+SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") -> int:
+    """Run the bench from command-line arguments; the heavy imports wait until here."""
+    from .cli import main as _main
+
+    return _main(argv, prog=prog)
