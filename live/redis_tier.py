@@ -22,7 +22,13 @@ import numpy as np
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError,
+    OutOfMemoryError,
+    RedisError,
+    ResponseError,
+)
 
 from live.audio import Fingerprint
 from live.breaker import BreakerState, CircuitBreaker
@@ -182,7 +188,7 @@ class RedisTier:
         ttl_s: int = 7 * 24 * 3600,
         op_timeout_s: float = 0.25,
         connect_timeout_s: float = 0.25,
-        lock_ttl_ms: int = 10_000,
+        lock_ttl_ms: int = 3_000,
         health_check_interval_s: int = 30,
         breaker: CircuitBreaker | None = None,
     ) -> None:
@@ -295,6 +301,7 @@ class RedisTier:
         *,
         timeout_s: float,
         poll_s: float = 0.02,
+        own_prefix: str | None = None,
     ) -> Embedding | None:
         """Wait for another process's lock holder to store the embedding.
 
@@ -307,7 +314,7 @@ class RedisTier:
             # Lock first: the holder stores the value before it unlocks, so "no lock,
             # then no value" means it will not come.
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.exists(held_key)
+                pipe.get(held_key)
                 pipe.get(value_key)
                 result: list[Any] = await pipe.execute()
                 return result
@@ -325,6 +332,10 @@ class RedisTier:
                     self.corrupt += 1
                 return emb
             if not held:
+                return None
+            if own_prefix is not None and bytes(held).startswith(own_prefix.encode()):
+                # Our own process holds it: a flight of ours that could not store its value
+                # (Redis blinked). Nobody else will store it: compute instead of waiting.
                 return None
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -474,6 +485,11 @@ class RedisTier:
             return _DOWN
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc, started)
+            if isinstance(exc, ConnectionError | OSError):
+                # After a Redis restart the pooled connections are dead; one that failed once
+                # more after the breaker closed could re-trip it. Drop the idle ones now.
+                with contextlib.suppress(RedisError, OSError):
+                    await self._client.connection_pool.disconnect(inuse_connections=False)
             return _DOWN
         self._auth_failure_logged = False
         self.breaker.record_success()

@@ -121,12 +121,15 @@ class EmbeddingL1:
         excess = len(self._entries) - pinned_here - self.capacity
         if excess <= 0:
             return
-        for fp in list(self._entries):
-            if excess <= 0:
-                break
+        # Oldest first, skipping pinned ones; only as far as needed (no copy of every key).
+        victims: list[Fingerprint] = []
+        for fp in self._entries:
             if fp not in self._pins:
-                del self._entries[fp]
-                excess -= 1
+                victims.append(fp)
+                if len(victims) == excess:
+                    break
+        for fp in victims:
+            del self._entries[fp]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +157,7 @@ class VoiceStore:
         l1_capacity: int = 10_000,
         tier: RedisTier | None = None,
         metrics: Metrics | None = None,
-        lock_wait_s: float = 10.0,
+        lock_wait_s: float = 3.0,
         max_encoder_jobs: int = 64,
     ) -> None:
         self.embedder = embedder
@@ -162,9 +165,13 @@ class VoiceStore:
         self.tier = tier
         self.metrics = metrics or Metrics()
         self.lock_wait_s = lock_wait_s
+        self._instance = uuid.uuid4().hex[:12]
+        """Prefix of this store's lock tokens, so it never waits on a lock it left itself."""
         self.max_encoder_jobs = max_encoder_jobs
         self._flights: dict[Fingerprint, asyncio.Task[tuple[Embedding, VoiceSource]]] = {}
-        self._records: dict[tuple[str, str], VoiceRecord] = {}
+        # Bounded like the L1: an id dropped here is found again in Redis when there is one.
+        self._records: OrderedDict[tuple[str, str], VoiceRecord] = OrderedDict()
+        self.records_capacity = max(l1_capacity, 10_000)
         self.purge_listeners: set[Callable[[Fingerprint], None]] = set()
         self.encoder_calls = 0
 
@@ -225,14 +232,16 @@ class VoiceStore:
             return emb, VoiceSource.REDIS
         if lookup is Lookup.UNAVAILABLE:
             return await self._aencode(clip), VoiceSource.ENCODER
-        token = uuid.uuid4().hex
+        token = f"{self._instance}:{uuid.uuid4().hex}"
         if await self.tier.alock(encoder_id, fp, token):
             try:
                 return await self._aencode(clip), VoiceSource.ENCODER
             finally:
                 await self.tier.aunlock(encoder_id, fp, token)
         # Another server is computing this voice: wait for its result instead of computing twice.
-        emb = await self.tier.await_value(encoder_id, fp, dim, timeout_s=self.lock_wait_s)
+        emb = await self.tier.await_value(
+            encoder_id, fp, dim, timeout_s=self.lock_wait_s, own_prefix=self._instance
+        )
         if emb is not None:
             self.l1.put(fp, emb)
             return emb, VoiceSource.REDIS
@@ -271,20 +280,29 @@ class VoiceStore:
             name,
             resolved.embedding.duration_s,
         )
-        self._records[(tenant, record.voice_id)] = record
+        self._keep_record(tenant, record)
         if self.tier is not None:
             await self.tier.aput_record(tenant, record)
         return record
 
+    def _keep_record(self, tenant: str, record: VoiceRecord) -> None:
+        self._records[(tenant, record.voice_id)] = record
+        self._records.move_to_end((tenant, record.voice_id))
+        while len(self._records) > self.records_capacity:
+            self._records.popitem(last=False)
+
     def record(self, tenant: str, voice_id: str) -> VoiceRecord | None:
-        return self._records.get((tenant, voice_id))
+        record = self._records.get((tenant, voice_id))
+        if record is not None:
+            self._records.move_to_end((tenant, voice_id))
+        return record
 
     async def _arecord(self, tenant: str, voice_id: str) -> VoiceRecord:
         record = self.record(tenant, voice_id)
         if record is None and self.tier is not None:
             record = await self.tier.aget_record(tenant, voice_id)
             if record is not None:
-                self._records[(tenant, voice_id)] = record
+                self._keep_record(tenant, record)
         if record is None:
             # The same answer whether the id exists for another tenant or not at all.
             raise VoiceNotFound(f"no voice {voice_id[:40]!r} for this tenant")
