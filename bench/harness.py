@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -29,8 +30,10 @@ import numpy as np
 import orjson
 
 if TYPE_CHECKING:
+    from live.audio import Fingerprint
     from live.encoder import SpeakerEncoder
     from live.speech import PiperEngine
+    from live.voices import Embedding
     from tests.redis_server import RedisServer
     from tests.server import LiveServer
 
@@ -452,3 +455,26 @@ class BenchContext:
             await self.engine.aclose()
         if self._redis is not None:
             await asyncio.to_thread(self._redis.close)
+
+
+class SyntheticVoices:
+    """Random unit embeddings and distinct fingerprints, for filling caches to measure memory."""
+
+    def __init__(self, encoder_id: str, dim: int, seed: int = 5) -> None:
+        self.encoder_id = encoder_id
+        self.dim = dim
+        self._rng = np.random.default_rng(seed)
+
+    def embedding(self) -> Embedding:
+        from live.voices import Embedding
+
+        vector = self._rng.standard_normal(self.dim).astype(np.float32)
+        vector /= np.linalg.norm(vector)
+        return Embedding(vector, self.encoder_id, 5.0, time.time())
+
+    @staticmethod
+    def fingerprint(i: int) -> Fingerprint:
+        from live.audio import Fingerprint
+
+        digest = hashlib.blake2b(f"bench-memory-{i}".encode(), digest_size=32)
+        return Fingerprint(digest.hexdigest())

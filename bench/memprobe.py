@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import sys
 import time
 from typing import Any
 
-import numpy as np
 import orjson
 from aiohttp import web
 
-from .harness import bench_limits, rss_bytes
+from .harness import SyntheticVoices, bench_limits, rss_bytes
 
 
 async def aprobe(voices: int, evicting: int) -> dict[str, Any]:
     from live.app import SERVICES, create_app
     from live.settings import Settings
-    from live.voices import Embedding
     from tests.server import free_port
 
     settings = Settings(port=free_port(), limits=bench_limits())
@@ -36,15 +33,8 @@ async def aprobe(voices: int, evicting: int) -> dict[str, Any]:
         encoder_id, dim = store.embedder.encoder_id, store.embedder.dim
         l1 = store.l1
         l1.capacity = max(l1.capacity, voices)
-        rng = np.random.default_rng(5)
-
-        def embedding() -> Embedding:
-            vector = rng.standard_normal(dim).astype(np.float32)
-            vector /= np.linalg.norm(vector)
-            return Embedding(vector, encoder_id, 5.0, time.time())
-
-        def fingerprint(i: int) -> Any:
-            return hashlib.blake2b(f"bench-memory-{i}".encode(), digest_size=32).hexdigest()
+        synthetic = SyntheticVoices(encoder_id, dim)
+        embedding, fingerprint = synthetic.embedding, synthetic.fingerprint
 
         gc.collect()
         await asyncio.sleep(0.2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ from .harness import (
     Progress,
     Registration,
     ServerError,
+    SyntheticVoices,
     WsSession,
     percentiles_ms,
     ratio,
@@ -881,19 +881,11 @@ async def arun_memory(ctx: BenchContext, sizes: MemorySizes, deadline: float) ->
     import redis.asyncio
 
     from live.redis_tier import encode_value, key
-    from live.voices import Embedding
 
     assert ctx.encoder is not None
     encoder_id, dim = ctx.encoder.encoder_id, ctx.encoder.dim
-    rng = np.random.default_rng(5)
-
-    def embedding() -> Embedding:
-        vector = rng.standard_normal(dim).astype(np.float32)
-        vector /= np.linalg.norm(vector)
-        return Embedding(vector, encoder_id, 5.0, time.time())
-
-    def fingerprint(i: int) -> str:
-        return hashlib.blake2b(f"bench-memory-{i}".encode(), digest_size=32).hexdigest()
+    synthetic = SyntheticVoices(encoder_id, dim)
+    embedding, fingerprint = synthetic.embedding, synthetic.fingerprint
 
     progress = Progress("memory", sizes.redis_keys + sizes.l1_voices)
     # --- Redis: N values in the tier's own codec, with the tier's TTL, at the tier's keys ------
@@ -907,7 +899,7 @@ async def arun_memory(ctx: BenchContext, sizes: MemorySizes, deadline: float) ->
         for lo in range(0, sizes.redis_keys, 500):
             async with client.pipeline(transaction=False) as pipe:
                 for i in range(lo, min(sizes.redis_keys, lo + 500)):
-                    k = key(encoder_id, fingerprint(i))  # type: ignore[arg-type]
+                    k = key(encoder_id, fingerprint(i))
                     keys.append(k)
                     pipe.set(k, encode_value(embedding()), ex=ttl)
                 await pipe.execute()
