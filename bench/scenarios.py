@@ -764,6 +764,7 @@ async def arun_outage(ctx: BenchContext, sizes: OutageSizes, deadline: float) ->
             events["kill"] = time.perf_counter()
             await asyncio.sleep(max(0.0, start + 2 * sizes.seconds / 3 - time.perf_counter()))
             calls_at["restart_begin"] = store.encoder_calls
+            events["restart_begin"] = time.perf_counter()
             await asyncio.to_thread(redis.start)
             events["restart"] = time.perf_counter()
             calls_at["restart"] = store.encoder_calls
@@ -808,10 +809,18 @@ async def arun_outage(ctx: BenchContext, sizes: OutageSizes, deadline: float) ->
         ),
         None,
     )
-    after_restart = [(t, state) for t, state in transitions if t >= restart]
+    # From the start() call: the breaker's probe can close it while start() still waits for
+    # Redis to answer PING (a quick run once lost that transition and reported nothing).
+    restart_begin = events["restart_begin"] - start
+    after_restart = [(t, state) for t, state in transitions if t >= restart_begin]
     closed_again = next((t for t, state in after_restart if state == "closed"), None)
+    before = [state for t, state in transitions if t < restart_begin]
+    if closed_again is None and (not before or before[-1] == "closed"):
+        closed_again = restart_begin  # it was closed when Redis came back: nothing to wait for
     reopened = sum(1 for t, state in after_restart if state == "open")
     last_closed = next((t for t, state in reversed(after_restart) if state == "closed"), None)
+    if last_closed is None and not after_restart:
+        last_closed = closed_again
     first_hit_calls = next(
         (calls for t, _, calls, _ in samples if first_hit is not None and t >= first_hit),
         calls_end,
@@ -834,10 +843,12 @@ async def arun_outage(ctx: BenchContext, sizes: OutageSizes, deadline: float) ->
         "encoder_calls_before_kill": calls_at["kill"],
         "fallback_encoder_calls": calls_at["restart"] - calls_at["kill"],
         "recovery_encoder_calls": first_hit_calls - calls_at["restart"],
-        "breaker_closed_after_s": _round(None if closed_again is None else closed_again - restart),
+        "breaker_closed_after_s": _round(
+            None if closed_again is None else max(0.0, closed_again - restart)
+        ),
         "breaker_reopened_after_restart": reopened,
         "breaker_closed_for_good_after_s": _round(
-            None if last_closed is None else last_closed - restart
+            None if last_closed is None else max(0.0, last_closed - restart)
         ),
         "first_redis_hit_after_s": _round(None if first_hit is None else first_hit - restart),
         "before_p50_ms": by_phase["before"]["latency_ms"]["p50"],
