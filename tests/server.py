@@ -18,7 +18,7 @@ from live.settings import Settings
 from live.speech import SpeechEngine
 from live.voices import Embedder
 from protocol import AudioFrame, decode_server, encode
-from protocol.messages import Message
+from protocol.messages import Error, Message, VoiceReady
 
 TIMEOUT = 30.0
 
@@ -124,6 +124,17 @@ class RawClient:
                 self.seen.frames.setdefault(frame.stream, []).append(frame)
                 continue
             raise ConnectionError(f"socket ended: {msg.type} {msg.data!r} {msg.extra!r}")
+
+    async def aregister(self, clip: bytes, **fields: Any) -> VoiceReady:
+        """voice.register + the clip; the voice.ready that answers it. Audio and messages of
+        earlier speaks may come first; an error fails the test."""
+        await self.asend({"type": "voice.register", **fields})
+        await self.asend_bytes(clip)
+        while True:
+            msg = await self.anext()
+            assert not isinstance(msg, Error), msg
+            if isinstance(msg, VoiceReady):
+                return msg
 
     async def await_type(self, kind: str, timeout: float = TIMEOUT) -> Message:
         deadline = asyncio.get_running_loop().time() + timeout

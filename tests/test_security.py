@@ -44,16 +44,6 @@ async def hello(c: RawClient, token: str | None) -> None:
     await c.asend({"type": "hello", "token": token} if token else {"type": "hello"})
 
 
-async def register(c: RawClient, data: bytes) -> VoiceReady:
-    await c.asend({"type": "voice.register"})
-    await c.asend_bytes(data)
-    while True:
-        msg = await c.anext()
-        assert not isinstance(msg, Error), msg
-        if isinstance(msg, VoiceReady):
-            return msg
-
-
 async def closed_with(c: RawClient) -> int:
     msg = await asyncio.wait_for(c.ws.receive(), 10)
     assert msg.type is aiohttp.WSMsgType.CLOSE, msg
@@ -114,7 +104,7 @@ async def test_voice_ids_are_scoped_to_their_tenant(secured: LiveServer) -> None
         await hello(b, BOB[0])
         await a.anext()
         await b.anext()
-        mine = await register(a, clip())
+        mine = await a.aregister(clip())
         for attempt in (
             {"type": "voice.use", "voice_id": mine.voice_id},
             {"type": "voice.delete", "voice_id": mine.voice_id},
@@ -126,7 +116,7 @@ async def test_voice_ids_are_scoped_to_their_tenant(secured: LiveServer) -> None
         msg = await b.anext()
         assert isinstance(msg, Error) and msg.code in {"no_voice", "voice_failed"}
         # The same audio from Bob: his own id, and the shared cache spares the encoder.
-        theirs = await register(b, clip())
+        theirs = await b.aregister(clip())
         assert theirs.voice_id != mine.voice_id and theirs.source == "l1"
         assert secured.services.store.encoder_calls == 1
         await a.asend({"type": "voice.use", "voice_id": mine.voice_id})
@@ -159,7 +149,7 @@ async def test_rate_limits_trip_and_recover(encoder_worker: EncoderWorker) -> No
         live_server(embedder=encoder_worker, engine=GatedEngine(auto=True), limits=limits) as srv,
         raw_client(srv) as c,
     ):
-        await register(c, clip())
+        await c.aregister(clip())
         await c.asend({"type": "voice.register"})
         await c.asend_bytes(clip())
         msg = await c.anext()
@@ -209,7 +199,7 @@ async def test_delete_purges_everywhere_within_a_second(
         await hello(listener, ALICE[0])
         await owner.anext()
         await listener.anext()
-        mine = await register(owner, data)
+        mine = await owner.aregister(data)
         # voice.use works on the other server too: the voice id lives in Redis.
         await listener.asend({"type": "voice.use", "voice_id": mine.voice_id})
         used = await listener.anext()
@@ -254,7 +244,7 @@ async def test_hostile_clips_are_accepted_or_refused_while_others_keep_talking(
         raw_client(srv) as bystander,
         raw_client(srv) as attacker,
     ):
-        await register(bystander, clip())
+        await bystander.aregister(clip())
         talk = "Meanwhile the stream goes on. Nothing here should stop. " * 3
         for i in range(3):
             await bystander.asend({"type": "speak", "id": f"b{i}", "text": talk})
@@ -296,7 +286,7 @@ async def test_hostile_chat_text_is_spoken_or_cleanly_refused(
     encoder_worker: EncoderWorker, piper: PiperEngine
 ) -> None:
     async with live_server(embedder=encoder_worker, engine=piper) as srv, raw_client(srv) as c:
-        await register(c, clip())
+        await c.aregister(clip())
         results: dict[str, str] = {}
         for name, text in HOSTILE_TEXT.items():
             await c.asend({"type": "speak", "id": name, "text": text})
@@ -426,7 +416,7 @@ async def test_redis_over_tls_with_a_password(
             ) as first,
             raw_client(first) as c,
         ):
-            assert (await register(c, data)).source == "encoder"
+            assert (await c.aregister(data)).source == "encoder"
             assert first.services.tier is not None and first.services.tier.writes == 1
         async with (
             live_server(
@@ -434,7 +424,7 @@ async def test_redis_over_tls_with_a_password(
             ) as second,
             raw_client(second) as c,
         ):
-            assert (await register(c, data)).source == "redis"
+            assert (await c.aregister(data)).source == "redis"
         # Without trusting the CA the connection is refused, and the server degrades.
         untrusted = f"rediss://:tls-s3cret@127.0.0.1:{tls_port}/0"
         async with (
@@ -443,7 +433,7 @@ async def test_redis_over_tls_with_a_password(
             ) as third,
             raw_client(third) as c,
         ):
-            assert (await register(c, espeak_clip())).source == "encoder"
+            assert (await c.aregister(espeak_clip())).source == "encoder"
             assert third.services.tier is not None and third.services.tier.errors >= 1
     assert "tls-s3cret" not in caplog.text
 

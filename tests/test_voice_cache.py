@@ -19,11 +19,11 @@ from live.encoder import EncoderWorker, SpeakerEncoder
 from live.redis_tier import key
 from live.settings import Settings
 from live.voices import VoiceStore
-from protocol.messages import AudioEnd, Error, VoiceReady
+from protocol.messages import AudioEnd, Error
 from tests.clips import espeak_speech, piper_speech, reference_clip, wav_bytes
 from tests.fakes import GatedEngine
 from tests.redis_server import RedisServer
-from tests.server import LiveServer, RawClient, free_port, live_server, raw_client
+from tests.server import LiveServer, free_port, live_server, raw_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,16 +80,6 @@ async def server_on(
         yield srv
 
 
-async def register(c: RawClient, data: bytes) -> VoiceReady:
-    await c.asend({"type": "voice.register", "name": "v"})
-    await c.asend_bytes(data)
-    while True:  # audio of earlier messages may come first
-        msg = await c.anext()
-        assert not isinstance(msg, Error), msg
-        if isinstance(msg, VoiceReady):
-            return msg
-
-
 async def test_a_voice_registered_on_one_server_is_a_redis_hit_on_another(
     speaker_encoder: SpeakerEncoder, redis_server: RedisServer
 ) -> None:
@@ -99,9 +89,9 @@ async def test_a_voice_registered_on_one_server_is_a_redis_hit_on_another(
         server_on(speaker_encoder, redis_server.url) as b,
     ):
         async with raw_client(a) as ca:
-            assert (await register(ca, data)).source == "encoder"
+            assert (await ca.aregister(data)).source == "encoder"
         async with raw_client(b) as cb:
-            ready = await register(cb, data)
+            ready = await cb.aregister(data)
         assert ready.source == "redis"
         assert b.services.store.encoder_calls == 0
         assert a.services.store.encoder_calls == 1
@@ -168,7 +158,7 @@ async def test_two_servers_registering_the_same_clip_at_once_compute_it_once(
         raw_client(a) as ca,
         raw_client(b) as cb,
     ):
-        both = await asyncio.gather(register(ca, data), register(cb, data))
+        both = await asyncio.gather(ca.aregister(data), cb.aregister(data))
         calls = a.services.store.encoder_calls + b.services.store.encoder_calls
         assert calls == 1, [r.source for r in both]
         assert sorted(r.source for r in both) == ["encoder", "redis"]
@@ -178,14 +168,14 @@ async def test_redis_outage_mid_session_costs_nothing_but_encoder_time(
     speaker_encoder: SpeakerEncoder, redis_server: RedisServer
 ) -> None:
     async with server_on(speaker_encoder, redis_server.url) as srv, raw_client(srv) as c:
-        await register(c, clip(0))
+        await c.aregister(clip(0))
         for i in range(3):
             await c.asend({"type": "speak", "id": f"before{i}", "text": "One. Two. Three."})
         redis_server.kill()
         # New registrations succeed through the encoder while Redis is gone.
-        outage = await register(c, clip(1))
+        outage = await c.aregister(clip(1))
         assert outage.source == "encoder"
-        outage2 = await register(c, clip(2))
+        outage2 = await c.aregister(clip(2))
         assert outage2.source == "encoder"
         for i in range(3):
             await c.asend({"type": "speak", "id": f"during{i}", "text": "Four. Five."})
@@ -207,7 +197,7 @@ async def test_redis_outage_mid_session_costs_nothing_but_encoder_time(
         while not tier.available:
             assert time.monotonic() < deadline, "breaker did not close within 5 s"
             await asyncio.sleep(0.05)
-        back = await register(c, clip(3))
+        back = await c.aregister(clip(3))
         assert back.source == "encoder"
         fp = canonicalize(clip(3)).fingerprint
         raw = aioredis.from_url(redis_server.url)
@@ -243,7 +233,7 @@ async def test_corrupt_and_foreign_values_are_overwritten(
             k = key(speaker_encoder.encoder_id, canonicalize(data).fingerprint)
             await raw.set(k, bad)
             async with server_on(speaker_encoder, redis_server.url) as srv, raw_client(srv) as c:
-                assert (await register(c, data)).source == "encoder"
+                assert (await c.aregister(data)).source == "encoder"
             value = msgpack.unpackb(await raw.get(k))
             assert value["enc"] == speaker_encoder.encoder_id
     finally:
@@ -261,7 +251,7 @@ async def test_ttl_is_refreshed_on_hit_and_while_pinned(
             speaker_encoder, redis_server.url, embedding_ttl_s=30, pin_refresh_s=0.2
         ) as srv:
             async with raw_client(srv) as c:
-                await register(c, data)
+                await c.aregister(data)
                 await raw.expire(k, 5)
                 await asyncio.sleep(0.6)  # the pinned voice's TTL is put back to 30 s
                 assert await raw.ttl(k) > 20
@@ -270,7 +260,7 @@ async def test_ttl_is_refreshed_on_hit_and_while_pinned(
             assert await raw.ttl(k) <= 5
         async with server_on(speaker_encoder, redis_server.url, embedding_ttl_s=30) as other:
             async with raw_client(other) as c:
-                assert (await register(c, data)).source == "redis"
+                assert (await c.aregister(data)).source == "redis"
             assert await raw.ttl(k) > 20  # GETEX on the hit
     finally:
         await raw.aclose()
@@ -281,12 +271,12 @@ async def test_password_in_url_works_and_a_wrong_one_degrades(
 ) -> None:
     with RedisServer(password="s3cret-pw") as secured:
         async with server_on(speaker_encoder, secured.url) as srv, raw_client(srv) as c:
-            await register(c, clip(0))
+            await c.aregister(clip(0))
             assert srv.services.tier is not None and srv.services.tier.writes == 1
         wrong = secured.url.replace("s3cret-pw", "wrong-pw")
         caplog.set_level(logging.DEBUG)
         async with server_on(speaker_encoder, wrong) as srv, raw_client(srv) as c:
-            ready = await register(c, clip(1))
+            ready = await c.aregister(clip(1))
             assert ready.source == "encoder"
             await c.asend({"type": "speak", "id": "m", "text": "Still talking."})
             assert isinstance(await c.await_type("audio.end"), AudioEnd)
@@ -299,8 +289,8 @@ async def test_metrics_and_readyz(
 ) -> None:
     async with server_on(speaker_encoder, redis_server.url) as srv:
         async with raw_client(srv) as c:
-            await register(c, clip(0))
-            await register(c, clip(0))
+            await c.aregister(clip(0))
+            await c.aregister(clip(0))
             async with aiohttp.ClientSession() as http:
                 await asyncio.sleep(0.3)  # one used_memory poll
                 text = await (await http.get(srv.url + "/metrics")).text()
@@ -323,8 +313,8 @@ async def test_a_different_voice_misses(
 ) -> None:
     pcm, sr = espeak_speech("Hello there, this is a completely different speaker for the test.")
     async with server_on(speaker_encoder, redis_server.url) as srv, raw_client(srv) as c:
-        a = await register(c, clip(0))
-        b = await register(c, wav_bytes(pcm, sr))
+        a = await c.aregister(clip(0))
+        b = await c.aregister(wav_bytes(pcm, sr))
         assert (a.source, b.source) == ("encoder", "encoder")
         assert srv.services.store.encoder_calls == 2
     _ = reference_clip
