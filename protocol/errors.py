@@ -49,6 +49,13 @@ class FrameTooLarge(LivevoiceError):
     close_code = 1009
 
 
+class BadUtf8(LivevoiceError):
+    """A text frame that is not UTF-8: RFC 6455 requires failing the connection."""
+
+    code = "bad_utf8"
+    close_code = 1007
+
+
 # --- session state ------------------------------------------------------------------------------
 class HelloRequired(LivevoiceError):
     code = "hello_required"
@@ -103,6 +110,12 @@ class VoiceNotFound(LivevoiceError):
     code = "voice_not_found"
 
 
+class VoiceUnavailable(LivevoiceError):
+    """The voice store (Redis) did not answer: the voice may well exist. Retry; never forget it."""
+
+    code = "voice_unavailable"
+
+
 class ClipEmpty(LivevoiceError):
     code = "clip_empty"
 
@@ -125,6 +138,12 @@ class ClipTooLarge(LivevoiceError):
 
 class ClipSilent(LivevoiceError):
     code = "clip_silent"
+
+
+class ClipNotSpeech(LivevoiceError):
+    """Audio that decodes but is no usable voice: too little speech, clipped solid, a DC offset."""
+
+    code = "clip_not_speech"
 
 
 class EncoderFailed(LivevoiceError):

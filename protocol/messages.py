@@ -178,6 +178,10 @@ class VoiceReady(Message):
     """Duration of the reference clip."""
     id: str | None = None
     """The ``id`` of the ``voice.register`` or ``voice.use`` this answers."""
+    quality: dict[str, Any] | None = None
+    """What the server found in a newly registered clip: ``speech_s`` (voiced seconds),
+    ``level_dbfs`` (RMS of the speech), ``clipped`` (fraction of clipped samples) and
+    ``warnings`` (list of short strings, empty for a good clip). Absent for ``voice.use``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +233,9 @@ class AudioEnd(Message):
     """Milliseconds from the message leaving the queue to its first audio frame being sent."""
     cancelled: bool = False
     """True when the message was cut short by ``cancel``: the audio sent so far is all there is."""
+    truncated: bool = False
+    """True when the message reached the server's cap on audio per message
+    (``max_message_audio_s``): the rest of its text was not spoken."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ export const SERVER_MESSAGES = {
     F("name", "str"),
     F("duration_s", "float"),
     F("id", "str"),
+    F("quality", "dict"),
   ],
   "voice.deleted": [F("voice_id", "str"), F("pinned", "bool", false, () => false), F("id", "str")],
   queued: [F("id", "str", true), F("position", "int", true)],
@@ -70,6 +71,7 @@ export const SERVER_MESSAGES = {
     F("duration_ms", "float", true),
     F("ttfa_ms", "float", true),
     F("cancelled", "bool", false, () => false),
+    F("truncated", "bool", false, () => false),
   ],
   cancelled: [F("id", "str", true)],
   pong: [F("id", "str")],
@@ -79,10 +81,10 @@ export const SERVER_MESSAGES = {
 /** Every error code in SPEC.md. */
 export const ERROR_CODES = [
   "bad_json", "bad_message", "unknown_type", "unexpected_binary", "bad_audio_frame",
-  "frame_too_large", "hello_required", "hello_timeout", "unauthorized", "unexpected_message",
+  "frame_too_large", "bad_utf8", "hello_required", "hello_timeout", "unauthorized", "unexpected_message",
   "idle_timeout", "too_many_sessions", "rate_limited", "clip_expected", "unsupported", "no_voice",
-  "voice_not_found", "clip_empty", "clip_not_audio", "clip_silent", "clip_too_short",
-  "clip_too_long", "clip_too_large", "encoder_failed", "encoder_busy", "voice_failed",
+  "voice_not_found", "voice_unavailable", "clip_empty", "clip_not_audio", "clip_silent", "clip_too_short",
+  "clip_too_long", "clip_too_large", "clip_not_speech", "encoder_failed", "encoder_busy", "voice_failed",
   "empty_text", "text_too_long", "queue_full", "duplicate_id",
   "unsupported_sample_rate", "synthesis_failed", "internal_error",
 ];
