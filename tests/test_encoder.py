@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -18,6 +20,7 @@ from live.encoder import (
     EncoderWorker,
     MelFrontEnd,
     SpeakerEncoder,
+    default_weights_path,
     preprocess_wav,
 )
 from tests.clips import piper_speech, reference_clip, to_16k
@@ -67,6 +70,28 @@ def test_load_identity(encoder: SpeakerEncoder) -> None:
     assert len(encoder.encoder_id) == len("ge2e-") + 16
     assert encoder.dim == 256
     assert encoder.device == torch.device("cpu")
+
+
+def test_encoder_id_names_the_weights_not_the_file(
+    encoder: SpeakerEncoder, piper16k: npt.NDArray[np.float32], tmp_path: Path
+) -> None:
+    """The id is part of every Redis key: new weights must never be served old vectors, and the
+    same weights under another path must keep finding them (README, "The voice cache")."""
+    source = default_weights_path()
+    copy = tmp_path / "copy-of-pretrained.pt"
+    shutil.copyfile(source, copy)
+    assert SpeakerEncoder.load(weights_path=copy, device="cpu").encoder_id == encoder.encoder_id
+
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    weight = checkpoint["model_state"]["linear.weight"]
+    nudge = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    checkpoint["model_state"]["linear.weight"] = weight + 0.01 * nudge  # "fine-tuned"
+    retrained = tmp_path / "retrained.pt"
+    torch.save(checkpoint, retrained)
+    other = SpeakerEncoder.load(weights_path=retrained, device="cpu")
+    assert other.encoder_id.startswith("ge2e-") and other.encoder_id != encoder.encoder_id
+    # Sanity of the staging: the weights changed, and so do the vectors.
+    assert not np.array_equal(other.embed(piper16k), encoder.embed(piper16k))
 
 
 @pytest.mark.parametrize("kind", ["piper", "espeak"])
