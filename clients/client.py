@@ -13,6 +13,10 @@ bounded, jittered exponential backoff, says hello again and re-pins its voice wi
 and the id from the last ``voice.ready``. If the server no longer knows that id
 (``voice_not_found``: a restarted server with an in-process voice directory) it uploads the clip it
 kept from :meth:`LivevoiceClient.aregister` again. Calls made while reconnecting wait for it.
+
+**Unavailable is not absent.** ``voice_unavailable`` (the server's voice store did not answer)
+never makes the client forget a voice: :meth:`LivevoiceClient.ause` and the re-pin after a
+reconnect try again with backoff, and the voice id is kept for the next reconnect either way.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from protocol.errors import (
     Unauthorized,
     Unsupported,
     VoiceNotFound,
+    VoiceUnavailable,
     all_codes,
 )
 from protocol.messages import (
@@ -292,6 +297,8 @@ class LivevoiceClient:
         """Sessions opened after a drop."""
         self.clip_reuploads = 0
         """Reconnects where the server no longer knew the voice id and the clip was sent again."""
+        self.voice_retries = 0
+        """``voice.use`` answers of ``voice_unavailable`` retried (the voice was kept)."""
         self._clip: tuple[str, bytes, str | None, str | None] | None = None
         """Voice id, clip, name and format of the last registration: the reconnect fallback."""
         self._http: aiohttp.ClientSession | None = None
@@ -373,12 +380,34 @@ class LivevoiceClient:
         return ready
 
     async def ause(self, voice_id: str) -> VoiceReady:
-        """Pins a voice this tenant registered before, by id."""
+        """Pins a voice this tenant registered before, by id.
+
+        ``voice_unavailable`` is retried with backoff for up to ``timeout`` seconds, then raised;
+        ``voice_not_found`` is final.
+        """
         await self._await_online()
-        ready = await self._avoice_request(VoiceUse(voice_id=voice_id))
-        assert isinstance(ready, VoiceReady)
+        ready = await self._ause_retrying(voice_id)
         self.voice = ready
         return ready
+
+    async def _ause_retrying(self, voice_id: str) -> VoiceReady:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                ready = await self._avoice_request(VoiceUse(voice_id=voice_id))
+            except VoiceUnavailable:
+                delay = self.backoff.delay(attempt)
+                if loop.time() + delay > deadline:
+                    raise
+                self.voice_retries += 1
+                log.info("voice store unavailable for %s; retrying in %.2f s", voice_id, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            assert isinstance(ready, VoiceReady)
+            return ready
 
     async def adelete(self, voice_id: str) -> VoiceDeleted:
         """Deletes a voice of this tenant everywhere. It is not re-pinned or re-uploaded later."""
@@ -468,9 +497,9 @@ class LivevoiceClient:
             return
         voice_id = self.voice.voice_id
         try:
-            ready = await self._avoice_request(VoiceUse(voice_id=voice_id))
-            assert isinstance(ready, VoiceReady)
-            self.voice = ready
+            # VoiceUnavailable after the retries propagates: the reconnect loop tries again
+            # later, still holding the voice.
+            self.voice = await self._ause_retrying(voice_id)
         except VoiceNotFound:
             if self._clip is None or self._clip[0] != voice_id:
                 # Nothing to upload: go on without a voice; speak answers no_voice until one is set.

@@ -32,17 +32,21 @@ from redis.exceptions import (
 
 from live.audio import Fingerprint
 from live.breaker import BreakerState, CircuitBreaker
-from live.voices import Embedding, VoiceRecord
+from live.voices import Embedding, Purge, VoiceRecord
 
 __all__ = [
     "FORMAT_VERSION",
     "Lookup",
     "RedisTier",
+    "decode_purge",
     "decode_value",
+    "encode_purge",
     "encode_value",
     "key",
     "lock_key",
+    "record_key",
     "redacted_url",
+    "refs_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,11 +66,59 @@ return 0
 
 PURGE_CHANNEL: Final = f"{_PREFIX}:purge"
 
+# Forgets one tenant's voice id and drops the shared embedding only when no other voice id
+# (of any tenant) still references that content; tells every server either way. Atomic, so a
+# registration of the same audio by another tenant is either counted or comes after.
+# KEYS: record, refs, embedding. ARGV: voice id, purge payload if the embedding stays,
+# payload if it goes. Returns 1 when the embedding was dropped, 0 when others still use it.
+_DELETE_VOICE_LUA: Final = f"""
+redis.call("DEL", KEYS[1])
+redis.call("SREM", KEYS[2], ARGV[1])
+if redis.call("SCARD", KEYS[2]) == 0 then
+    redis.call("DEL", KEYS[3])
+    redis.call("PUBLISH", "{PURGE_CHANNEL}", ARGV[3])
+    return 1
+end
+redis.call("PUBLISH", "{PURGE_CHANNEL}", ARGV[2])
+return 0
+"""
+
 T = TypeVar("T")
 
 
 def record_key(voice_id: str) -> str:
+    """A tenant's voice id: a record, kept without a TTL (never evicted by ``volatile-*``)."""
     return f"{_PREFIX}:voice:{voice_id}"
+
+
+def refs_key(fp: Fingerprint) -> str:
+    """The set of voice ids (any tenant) registered with this content: a record, no TTL."""
+    return f"{_PREFIX}:refs:{fp}"
+
+
+def encode_purge(purge: Purge) -> bytes:
+    packed: bytes = msgpack.packb(
+        {"t": purge.tenant, "v": purge.voice_id, "fp": purge.fingerprint, "gone": purge.gone}
+    )
+    return packed
+
+
+def decode_purge(raw: bytes) -> Purge | None:
+    """A purge notice from any server; a bare fingerprint (servers before the reference sets)
+    means the embedding is gone, with no tenant's voice named."""
+    try:
+        obj = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        obj = None
+    if isinstance(obj, dict):
+        tenant, voice_id, fp = obj.get("t"), obj.get("v"), obj.get("fp")
+        if isinstance(tenant, str) and isinstance(voice_id, str) and isinstance(fp, str):
+            return Purge(tenant, voice_id, Fingerprint(fp), bool(obj.get("gone")))
+        return None
+    text = raw.decode("ascii", "replace")
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return Purge(None, None, Fingerprint(text), True)
+    return None
 
 
 class Lookup(enum.Enum):
@@ -209,6 +261,7 @@ class RedisTier:
             client_name="livevoice",
         )
         self._unlock = self._client.register_script(_UNLOCK_LUA)
+        self._delete_voice = self._client.register_script(_DELETE_VOICE_LUA)
         self._auth_failure_logged = False
         self.hits = 0
         self.misses = 0
@@ -263,10 +316,14 @@ class RedisTier:
         self.writes += 1
         return True
 
-    async def atouch(self, keys: list[tuple[str, Fingerprint]]) -> bool:
-        """Refresh the TTL of pinned voices, given as ``(encoder_id, fp)``, in one round trip."""
+    async def atouch(self, keys: list[tuple[str, Fingerprint]]) -> list[bool] | None:
+        """Refresh the TTL of pinned voices, given as ``(encoder_id, fp)``, in one round trip.
+
+        Per key, whether it was still there (False: evicted or expired, the caller may write it
+        again); None when Redis is unavailable.
+        """
         if not keys:
-            return True
+            return []
 
         async def expire_all() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
@@ -275,7 +332,10 @@ class RedisTier:
                 result: list[Any] = await pipe.execute()
                 return result
 
-        return await self._run(expire_all) is not _DOWN
+        found = await self._run(expire_all)
+        if found is _DOWN:
+            return None
+        return [bool(x) for x in found]
 
     async def alock(self, encoder_id: str, fp: Fingerprint, token: str) -> bool:
         """Try to become the one process computing this embedding.
@@ -344,7 +404,13 @@ class RedisTier:
 
     # --- tenants' voice records and purges -----------------------------------------------
     async def aput_record(self, tenant: str, record: VoiceRecord) -> bool:
-        """Remember a tenant's voice id, so ``voice.use`` works on any server sharing Redis."""
+        """Remember a tenant's voice id, so ``voice.use`` works on any server sharing Redis.
+
+        Records carry no TTL: ids are data, not cache, and must survive memory pressure under a
+        ``volatile-*`` eviction policy (only embeddings, which have a TTL, may go). The id joins
+        its content's reference set, so deleting it never takes the embedding from another
+        tenant who registered the same audio. False when Redis did not take it.
+        """
         value = msgpack.packb(
             {
                 "v": FORMAT_VERSION,
@@ -355,21 +421,35 @@ class RedisTier:
             }
         )
         k = record_key(record.voice_id)
-        done = await self._run(lambda: self._client.set(k, value, ex=self.ttl_s))
-        return done is not _DOWN and bool(done)
 
-    async def aget_record(self, tenant: str, voice_id: str) -> VoiceRecord | None:
-        """The record behind a voice id, only if ``tenant`` registered it (TTL refreshed)."""
+        async def put() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(k, value)
+                pipe.sadd(refs_key(record.fingerprint), record.voice_id)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        done = await self._run(put)
+        return done is not _DOWN and bool(done[0])
+
+    async def aget_record(self, tenant: str, voice_id: str) -> tuple[Lookup, VoiceRecord | None]:
+        """The record behind a voice id, only if ``tenant`` registered it.
+
+        ``Lookup.UNAVAILABLE`` when Redis did not answer: the id may well exist, and callers
+        must not report it as absent.
+        """
         k = record_key(voice_id)
-        raw = await self._run(lambda: self._client.getex(k, ex=self.ttl_s))
-        if raw is _DOWN or not isinstance(raw, bytes):
-            return None
+        raw = await self._run(lambda: self._client.get(k))
+        if raw is _DOWN:
+            return Lookup.UNAVAILABLE, None
+        if not isinstance(raw, bytes):
+            return Lookup.MISS, None
         try:
             value = msgpack.unpackb(raw)
             if value.get("tenant") != tenant or value.get("v") != FORMAT_VERSION:
-                return None
+                return Lookup.MISS, None
             name = value.get("name")
-            return VoiceRecord(
+            record = VoiceRecord(
                 voice_id,
                 Fingerprint(str(value["fp"])),
                 name if isinstance(name, str) else None,
@@ -377,28 +457,31 @@ class RedisTier:
             )
         except Exception:
             self.corrupt += 1
+            return Lookup.MISS, None
+        return Lookup.HIT, record
+
+    async def adelete_voice(self, encoder_id: str, purge: Purge) -> bool | None:
+        """Forget ``purge.voice_id`` and, if no other voice id references its content, the
+        embedding; every server hears of it on :data:`PURGE_CHANNEL`.
+
+        True when the embedding was dropped, False when other voices still use it, None when
+        Redis is unavailable.
+        """
+        stays = encode_purge(purge)
+        goes = encode_purge(Purge(purge.tenant, purge.voice_id, purge.fingerprint, True))
+        voice_id = purge.voice_id
+        assert voice_id is not None
+        fp = purge.fingerprint
+        keys = [record_key(voice_id), refs_key(fp), key(encoder_id, fp)]
+        done = await self._run(lambda: self._delete_voice(keys=keys, args=[voice_id, stays, goes]))
+        if done is _DOWN:
             return None
-
-    async def adelete_record(self, voice_id: str) -> bool:
-        done = await self._run(lambda: self._client.delete(record_key(voice_id)))
-        return done is not _DOWN
-
-    async def apurge(self, encoder_id: str, fp: Fingerprint) -> bool:
-        """Delete an embedding and tell every server sharing this Redis to drop it from L1."""
-
-        async def purge() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.delete(key(encoder_id, fp))
-                pipe.publish(PURGE_CHANNEL, fp)
-                result: list[Any] = await pipe.execute()
-                return result
-
-        return await self._run(purge) is not _DOWN
+        return bool(done == 1)
 
     async def alisten_purges(
-        self, on_purge: Callable[[Fingerprint], None], *, retry_s: float = 1.0
+        self, on_purge: Callable[[Purge], None], *, retry_s: float = 1.0
     ) -> None:
-        """Call ``on_purge`` for every fingerprint purged by any server, until cancelled.
+        """Call ``on_purge`` for every voice deleted by any server, until cancelled.
 
         Resubscribes after an outage; a purge published while this server was cut off from
         Redis is missed (the embedding's Redis copy is gone either way).
@@ -412,8 +495,9 @@ class RedisTier:
                 # shutdown hung ~30 s), so the owner also closes the pool to end this loop.
                 async for message in pubsub.listen():
                     data = message.get("data")
-                    if isinstance(data, bytes):
-                        on_purge(Fingerprint(data.decode("ascii", "replace")))
+                    purge = decode_purge(data) if isinstance(data, bytes) else None
+                    if purge is not None:
+                        on_purge(purge)
             except (RedisError, OSError, TimeoutError) as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -432,6 +516,24 @@ class RedisTier:
             return None
         used = info.get("used_memory")
         return used if _is_int(used) else None
+
+    async def aeviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy``, or None when it cannot be read (managed Redis often
+        refuses CONFIG)."""
+
+        async def policy() -> Any:
+            try:
+                return await self._client.config_get("maxmemory-policy")
+            except ResponseError:
+                return None  # CONFIG is disabled: an answer, not an outage
+
+        reply = await self._run(policy)
+        if reply is _DOWN or not isinstance(reply, dict):
+            return None
+        value = reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy")
+        if isinstance(value, bytes):
+            value = value.decode()
+        return value if isinstance(value, str) else None
 
     async def aping(self) -> bool:
         reply = await self._run(lambda: self._client.ping())

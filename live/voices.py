@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from protocol.errors import EncoderBusy, EncoderFailed, VoiceNotFound
+from protocol.errors import EncoderBusy, EncoderFailed, VoiceNotFound, VoiceUnavailable
 
 from .audio import CanonicalClip, Fingerprint
 from .metrics import Metrics
@@ -142,6 +142,21 @@ class VoiceRecord:
     duration_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """A deleted voice, as every server hears of it.
+
+    Only sessions of ``tenant`` pinning ``voice_id`` lose their voice. The embedding is shared
+    by content between tenants: ``gone`` says whether it was dropped too (no voice id of any
+    tenant references that content any more).
+    """
+
+    tenant: str | None
+    voice_id: str | None
+    fingerprint: Fingerprint
+    gone: bool
+
+
 def voice_id_for(tenant: str, fp: Fingerprint) -> str:
     """Tenant-scoped id: the same clip registered twice by one tenant keeps its id, and the id
     reveals nothing about the fingerprint (it is keyed by the tenant)."""
@@ -172,7 +187,12 @@ class VoiceStore:
         # Bounded like the L1: an id dropped here is found again in Redis when there is one.
         self._records: OrderedDict[tuple[str, str], VoiceRecord] = OrderedDict()
         self.records_capacity = max(l1_capacity, 10_000)
-        self.purge_listeners: set[Callable[[Fingerprint], None]] = set()
+        self._refs: dict[Fingerprint, set[str]] = {}
+        """Without Redis: the voice ids (any tenant) kept here for each content."""
+        self._unsaved: OrderedDict[tuple[str, str], VoiceRecord] = OrderedDict()
+        """Records Redis did not take (down, or full): written again when it answers, so an id
+        handed to a client is never lost to the other servers."""
+        self.purge_listeners: set[Callable[[Purge], None]] = set()
         self.encoder_calls = 0
 
     # --- resolving --------------------------------------------------------------------------
@@ -281,15 +301,40 @@ class VoiceStore:
             resolved.embedding.duration_s,
         )
         self._keep_record(tenant, record)
-        if self.tier is not None:
-            await self.tier.aput_record(tenant, record)
+        if self.tier is not None and not await self.tier.aput_record(tenant, record):
+            self._unsaved[(tenant, record.voice_id)] = record
+            log.warning("voice %s kept in this process until Redis takes it", record.voice_id)
         return record
+
+    async def aflush_records(self) -> int:
+        """Write the records Redis did not take before; how many are still waiting."""
+        while self._unsaved and self.tier is not None:
+            (tenant, voice_id), record = next(iter(self._unsaved.items()))
+            if not await self.tier.aput_record(tenant, record):
+                break
+            self._unsaved.pop((tenant, voice_id), None)
+        return len(self._unsaved)
 
     def _keep_record(self, tenant: str, record: VoiceRecord) -> None:
         self._records[(tenant, record.voice_id)] = record
         self._records.move_to_end((tenant, record.voice_id))
+        if self.tier is None:
+            self._refs.setdefault(record.fingerprint, set()).add(record.voice_id)
         while len(self._records) > self.records_capacity:
-            self._records.popitem(last=False)
+            _, dropped = self._records.popitem(last=False)
+            if self.tier is None:
+                # Without Redis an evicted id is forgotten anyway: it no longer holds its content.
+                self._unref(dropped.fingerprint, dropped.voice_id)
+
+    def _unref(self, fp: Fingerprint, voice_id: str) -> bool:
+        """Drop one reference; True when no voice id references the content any more."""
+        refs = self._refs.get(fp)
+        if refs is not None:
+            refs.discard(voice_id)
+            if refs:
+                return False
+            del self._refs[fp]
+        return True
 
     def record(self, tenant: str, voice_id: str) -> VoiceRecord | None:
         record = self._records.get((tenant, voice_id))
@@ -300,7 +345,12 @@ class VoiceStore:
     async def _arecord(self, tenant: str, voice_id: str) -> VoiceRecord:
         record = self.record(tenant, voice_id)
         if record is None and self.tier is not None:
-            record = await self.tier.aget_record(tenant, voice_id)
+            from .redis_tier import Lookup
+
+            lookup, record = await self.tier.aget_record(tenant, voice_id)
+            if lookup is Lookup.UNAVAILABLE:
+                # Unavailable is not absent: the client must keep the id and retry.
+                raise VoiceUnavailable("the voice store did not answer; retry shortly")
             if record is not None:
                 self._keep_record(tenant, record)
         if record is None:
@@ -316,7 +366,11 @@ class VoiceStore:
         emb = self.l1.get(fp)
         source = VoiceSource.L1
         if emb is None and self.tier is not None:
-            _, emb = await self.tier.aget(self.embedder.encoder_id, fp, self.embedder.dim)
+            from .redis_tier import Lookup
+
+            lookup, emb = await self.tier.aget(self.embedder.encoder_id, fp, self.embedder.dim)
+            if lookup is Lookup.UNAVAILABLE:
+                raise VoiceUnavailable("the voice store did not answer; retry shortly")
             source = VoiceSource.REDIS
             if emb is not None:
                 self.l1.put(fp, emb)
@@ -324,22 +378,51 @@ class VoiceStore:
             raise VoiceNotFound("this voice's embedding has expired; register the clip again")
         return record, self._resolved(fp, emb, source, start)
 
-    async def adelete(self, tenant: str, voice_id: str) -> VoiceRecord:
-        """Forget a tenant's voice and purge its embedding from L1, Redis and, through Redis
-        pub/sub, every other server's L1. Sessions pinning it are told (``purge_listeners``)."""
+    async def adelete(self, tenant: str, voice_id: str) -> Purge:
+        """Forget a tenant's voice id. Its embedding is purged from L1, Redis and (through Redis
+        pub/sub) every server's L1 only when no voice id of any tenant still references that
+        content. Sessions of this tenant pinning the id are told (``purge_listeners``)."""
         record = await self._arecord(tenant, voice_id)
-        self._records.pop((tenant, voice_id), None)
+        fp = record.fingerprint
         if self.tier is not None:
-            await self.tier.adelete_record(voice_id)
-            await self.tier.apurge(self.embedder.encoder_id, record.fingerprint)
-        self.purged(record.fingerprint)
-        return record
+            gone = await self.tier.adelete_voice(
+                self.embedder.encoder_id, Purge(tenant, voice_id, fp, False)
+            )
+            if gone is None:
+                raise VoiceUnavailable("the voice store did not answer; the voice was not deleted")
+        else:
+            gone = self._unref(fp, voice_id)
+        self._unsaved.pop((tenant, voice_id), None)
+        purge = Purge(tenant, voice_id, fp, gone)
+        self.purged(purge)
+        return purge
 
-    def purged(self, fp: Fingerprint) -> None:
-        """Drop a purged embedding here (called locally and for purges from other servers)."""
-        self.l1.discard(fp)
+    def purged(self, purge: Purge) -> None:
+        """Apply a deletion here (called locally and for deletions on other servers)."""
+        if purge.tenant is not None and purge.voice_id is not None:
+            self._records.pop((purge.tenant, purge.voice_id), None)
+        if purge.gone:
+            self.l1.discard(purge.fingerprint)
         for listener in list(self.purge_listeners):
-            listener(fp)
+            listener(purge)
+
+    async def arefresh_pinned(self) -> int:
+        """Keep voices pinned by live sessions in Redis: refresh their TTL, and write back any
+        that memory pressure evicted, so ``voice.use`` on another server still finds them.
+        How many were written back."""
+        if self.tier is None:
+            return 0
+        encoder_id = self.embedder.encoder_id
+        pinned = [fp for fp in sorted(self.l1.pinned) if self.l1.get(fp) is not None]
+        found = await self.tier.atouch([(encoder_id, fp) for fp in pinned])
+        if found is None:
+            return 0
+        rewritten = 0
+        for fp, there in zip(pinned, found, strict=True):
+            emb = self.l1.get(fp)
+            if not there and emb is not None and await self.tier.aput(fp, emb):
+                rewritten += 1
+        return rewritten
 
     # --- pinning ----------------------------------------------------------------------------
     def pin(self, fp: Fingerprint) -> None:

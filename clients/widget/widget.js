@@ -220,6 +220,20 @@ function send(text) {
   ws.send(text);
 }
 
+/** voice.use, tried again while the server answers voice_unavailable (its voice store did not
+ * answer: the voice exists, so it is never forgotten for that). */
+async function useVoiceRetrying(voiceId, sock) {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await useVoice(voiceId);
+    } catch (exc) {
+      if (exc.code !== "voice_unavailable" || ws !== sock || attempt >= 8) throw exc;
+      hooks.counters.voiceRetries = (hooks.counters.voiceRetries || 0) + 1;
+      await new Promise((r) => setTimeout(r, Math.min(5000, 250 * 2 ** attempt)));
+    }
+  }
+}
+
 async function onReady(msg) {
   const sock = ws;
   const reconnect = hooks.sessionId !== null;
@@ -231,7 +245,7 @@ async function onReady(msg) {
   const voiceId = hooks.voice ? hooks.voice.voice_id : config.voice;
   if (voiceId) {
     try {
-      await useVoice(voiceId);
+      await useVoiceRetrying(voiceId, sock);
     } catch (exc) {
       if (exc.code === "voice_not_found" && clip && clip.voiceId === voiceId) {
         hooks.counters.clipReuploads += 1;
