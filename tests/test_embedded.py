@@ -1,19 +1,30 @@
-"""The embedded default: a private Redis in the data dir keeps voices across restarts."""
+"""The embedded default: a private Redis in the data dir keeps voices across restarts, dies with
+its server however the server dies, and never shares the data dir with a second one."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
+import redis.asyncio
 
-from live.embedded import bundled_redis_server
+from live.embedded import EmbeddedRedis, bundled_redis_server
 from live.encoder import EncoderWorker, SpeakerEncoder
-from protocol.messages import VoiceReady
+from protocol.messages import Message, VoiceReady
 from tests.clips import reference_clip, wav_bytes
 from tests.fakes import GatedEngine
-from tests.server import RawClient, live_server, raw_client
+from tests.server import RawClient, free_port, live_server, raw_client
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -27,6 +38,107 @@ async def next_voice(c: RawClient) -> VoiceReady:
     return msg
 
 
+def exited(pid: int) -> bool:
+    """Gone, or a zombie: the orphan's new parent (pid 1 here) may never reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def kill_left_behind(pid: int, data_dir: Path) -> None:
+    """SIGKILL a redis-server a failed test left running on its data dir (by pid, verified)."""
+    with contextlib.suppress(OSError):
+        if str(data_dir) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def wait_exited(pid: int, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not exited(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return exited(pid)
+
+
+@dataclass
+class Served:
+    """``livevoice serve --data-dir`` as its own process (uvloop, real models), as a service
+    manager runs it, so that it can be SIGKILLed."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    log_path: Path
+
+    data_dir: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    @property
+    def redis_pid(self) -> int:
+        text = self.log_text()
+        assert "embedded Redis (pid" in text, text
+        return int(text.split("embedded Redis (pid ")[-1].split(")")[0])
+
+    @contextlib.asynccontextmanager
+    async def aconnect(self) -> AsyncIterator[RawClient]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(
+                f"ws://127.0.0.1:{self.port}/ws",
+                max_msg_size=0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5),
+            ) as ws,
+        ):
+            client = RawClient(ws)
+            await client.asend({"type": "hello", "client": "tests"})
+            assert (await client.anext()).TYPE == "ready"
+            yield client
+
+    async def astop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+    async def akill(self) -> None:
+        self.proc.kill()
+        await asyncio.wait_for(self.proc.wait(), 30)
+
+
+@contextlib.asynccontextmanager
+async def served(data_dir: Path, log_path: Path) -> AsyncIterator[Served]:
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "live.cli", "serve", "--data-dir", str(data_dir)),
+            env={**os.environ, "LIVEVOICE_PORT": str(port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Served(proc, port, log_path, data_dir)
+    try:
+        deadline = time.monotonic() + 90
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert proc.returncode is None, server.log_text()
+                assert time.monotonic() < deadline, "the server did not become ready"
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(0.2)
+        yield server
+    finally:
+        if proc.returncode is None:
+            await server.akill()
+        if "embedded Redis (pid" in server.log_text():
+            kill_left_behind(server.redis_pid, data_dir)
+
+
+async def use(c: RawClient, voice_id: str) -> Message:
+    await c.asend({"type": "voice.use", "voice_id": voice_id})
+    return await c.anext()
+
+
 async def test_voices_survive_a_restart(speaker_encoder: SpeakerEncoder, tmp_path: Path) -> None:
     pcm, sr = reference_clip("piper")
     data_dir = str(tmp_path / "data")
@@ -34,7 +146,9 @@ async def test_voices_survive_a_restart(speaker_encoder: SpeakerEncoder, tmp_pat
         embedder=EncoderWorker(speaker_encoder), engine=GatedEngine(), data_dir=data_dir
     ) as first:
         assert first.services.tier is not None
-        pid = first.services.owned[0]._proc.pid  # type: ignore[attr-defined]
+        embedded = first.services.owned[0]
+        assert isinstance(embedded, EmbeddedRedis) and embedded.pid is not None
+        pid = embedded.pid
         async with raw_client(first) as c:
             await c.asend({"type": "voice.register", "name": "me"})
             await c.asend_bytes(wav_bytes(pcm, sr))
@@ -68,3 +182,125 @@ async def test_a_data_dir_in_use_falls_back_to_memory(
         assert first.services.tier is not None
         assert second.services.tier is None
         assert "in use by another livevoice server" in caplog.text
+
+
+@pytest.mark.timeout(400)
+async def test_a_sigkilled_server_takes_its_redis_with_it(tmp_path: Path) -> None:
+    """Issue 9 item 3: the redis-server outlived a SIGKILLed server, the next server started a
+    second one beside it (V1: voice_not_found) and the orphan later saved over V2."""
+    data_dir = tmp_path / "data"
+    async with served(data_dir, tmp_path / "first.log") as first:
+        async with first.aconnect() as c:
+            v1 = await c.aregister(wav_bytes(*reference_clip("piper")), name="v1")
+        orphan = first.redis_pid
+        await first.akill()
+        assert await wait_exited(orphan), "its redis-server outlived the SIGKILLed server"
+
+    async with served(data_dir, tmp_path / "second.log") as second:
+        async with second.aconnect() as c:
+            again = await use(c, v1.voice_id)
+            assert isinstance(again, VoiceReady) and again.name == "v1", again
+            v2 = await c.aregister(wav_bytes(*reference_clip("espeak")), name="v2")
+        assert await second.astop() == 0
+
+    async with served(data_dir, tmp_path / "third.log") as third:
+        async with third.aconnect() as c:
+            for voice in (v1, v2):
+                again = await use(c, voice.voice_id)
+                assert isinstance(again, VoiceReady), again
+                assert (again.name, again.source) == (voice.name, "redis")
+        assert await third.astop() == 0
+
+
+@pytest.mark.timeout(400)
+async def test_a_redis_left_running_is_stopped_before_ours_starts(tmp_path: Path) -> None:
+    """A redis-server that did not die with its server (one from a version without the
+    parent-death signal, or one whose signal was lost) holds voices only it has: the next
+    server stops it so that it saves them, and only then starts its own."""
+    binary = bundled_redis_server()
+    assert binary is not None
+    data_dir = tmp_path / "data"
+    async with served(data_dir, tmp_path / "first.log") as first:
+        async with first.aconnect() as c:
+            v1 = await c.aregister(wav_bytes(*reference_clip("piper")), name="v1")
+        assert await first.astop() == 0
+    # The left-behind one: started from the data dir's own config, tied to no server, and the
+    # only holder of V1 once the snapshot it loaded is gone.
+    orphan = await asyncio.create_subprocess_exec(
+        *(str(binary), str(data_dir / "redis.conf")),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        async with redis.asyncio.Redis(unix_socket_path=str(data_dir / "redis.sock")) as r:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(OSError, redis.RedisError):
+                    if await r.ping():
+                        break
+                assert time.monotonic() < deadline and orphan.returncode is None
+                await asyncio.sleep(0.05)
+            assert await r.dbsize() > 0
+        (data_dir / "voices.rdb").unlink()
+
+        async with served(data_dir, tmp_path / "second.log") as second:
+            assert second.redis_pid != orphan.pid
+            assert exited(orphan.pid), "the left-behind redis-server still runs beside ours"
+            assert await asyncio.wait_for(orphan.wait(), 30) == 0
+            async with second.aconnect() as c:
+                again = await use(c, v1.voice_id)
+                assert isinstance(again, VoiceReady) and again.name == "v1", again
+                await c.aregister(wav_bytes(*reference_clip("espeak")), name="v2")
+            assert await second.astop() == 0
+        assert f"stopping the embedded Redis (pid {orphan.pid})" in second.log_text()
+    finally:
+        if orphan.returncode is None:
+            orphan.kill()
+        await asyncio.wait_for(orphan.wait(), 30)
+
+
+async def test_a_pidfile_naming_another_process_is_left_alone(tmp_path: Path) -> None:
+    """The pid in a stale pidfile may have been reused by anything: only a process whose title
+    names this data dir's config is ever signalled."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    bystander = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(120)"
+    )
+    try:
+        (data_dir / "redis.pid").write_text(f"{bystander.pid}\n")
+        embedded = EmbeddedRedis(data_dir)
+        assert await embedded.astart() is not None
+        try:
+            assert bystander.returncode is None and not exited(bystander.pid)
+            assert (data_dir / "redis.pid").read_text().strip() == str(embedded.pid)
+        finally:
+            await embedded.aclose()
+        assert not (data_dir / "redis.pid").exists(), "removed when it stopped cleanly"
+    finally:
+        bystander.kill()
+        await asyncio.wait_for(bystander.wait(), 30)
+
+
+async def test_only_what_carries_a_ttl_is_evicted(tmp_path: Path) -> None:
+    """Issue 9 item 2: voice records carry no TTL and are never evicted; embeddings carry one
+    and are the cache that memory pressure may drop."""
+    embedded = EmbeddedRedis(tmp_path / "data", maxmemory="4mb")
+    url = await embedded.astart()
+    assert url is not None
+    try:
+        async with redis.asyncio.Redis.from_url(url) as r:
+            records = {f"record:{i}": b"r" * 64 for i in range(500)}
+            await r.mset(records)
+            blob = b"e" * 2048
+            for start in range(0, 6000, 200):  # 12 MB of embeddings into 4 MB
+                async with r.pipeline(transaction=False) as p:
+                    for i in range(start, start + 200):
+                        p.set(f"embedding:{i}", blob, ex=3600)
+                    await p.execute()
+            assert await r.exists(*records) == len(records)
+            assert await r.exists(*(f"embedding:{i}" for i in range(6000))) < 6000
+    finally:
+        await embedded.aclose()
