@@ -13,6 +13,7 @@ import enum
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeGuard, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -96,28 +97,37 @@ def refs_key(fp: Fingerprint) -> str:
     return f"{_PREFIX}:refs:{fp}"
 
 
-def encode_purge(purge: Purge) -> bytes:
+def encode_purge(purge: Purge, origin: str = "") -> bytes:
+    """The pub/sub notice of a deletion; ``origin`` names the server that applied it already."""
     packed: bytes = msgpack.packb(
-        {"t": purge.tenant, "v": purge.voice_id, "fp": purge.fingerprint, "gone": purge.gone}
+        {
+            "t": purge.tenant,
+            "v": purge.voice_id,
+            "fp": purge.fingerprint,
+            "gone": purge.gone,
+            "o": origin,
+        }
     )
     return packed
 
 
-def decode_purge(raw: bytes) -> Purge | None:
-    """A purge notice from any server; a bare fingerprint (servers before the reference sets)
-    means the embedding is gone, with no tenant's voice named."""
+def decode_purge(raw: bytes) -> tuple[str, Purge] | None:
+    """Origin and deletion of a purge notice from any server. A bare fingerprint (servers
+    before the reference sets) means the embedding is gone, with no tenant's voice named."""
     try:
         obj = msgpack.unpackb(raw, raw=False)
     except Exception:
         obj = None
     if isinstance(obj, dict):
         tenant, voice_id, fp = obj.get("t"), obj.get("v"), obj.get("fp")
+        origin = obj.get("o")
         if isinstance(tenant, str) and isinstance(voice_id, str) and isinstance(fp, str):
-            return Purge(tenant, voice_id, Fingerprint(fp), bool(obj.get("gone")))
+            purge = Purge(tenant, voice_id, Fingerprint(fp), bool(obj.get("gone")))
+            return (origin if isinstance(origin, str) else ""), purge
         return None
     text = raw.decode("ascii", "replace")
     if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
-        return Purge(None, None, Fingerprint(text), True)
+        return "", Purge(None, None, Fingerprint(text), True)
     return None
 
 
@@ -262,6 +272,8 @@ class RedisTier:
         )
         self._unlock = self._client.register_script(_UNLOCK_LUA)
         self._delete_voice = self._client.register_script(_DELETE_VOICE_LUA)
+        self.instance = uuid.uuid4().hex
+        """This process's name on the purge channel."""
         self._auth_failure_logged = False
         self.hits = 0
         self.misses = 0
@@ -467,8 +479,10 @@ class RedisTier:
         True when the embedding was dropped, False when other voices still use it, None when
         Redis is unavailable.
         """
-        stays = encode_purge(purge)
-        goes = encode_purge(Purge(purge.tenant, purge.voice_id, purge.fingerprint, True))
+        stays = encode_purge(purge, self.instance)
+        goes = encode_purge(
+            Purge(purge.tenant, purge.voice_id, purge.fingerprint, True), self.instance
+        )
         voice_id = purge.voice_id
         assert voice_id is not None
         fp = purge.fingerprint
@@ -495,9 +509,11 @@ class RedisTier:
                 # shutdown hung ~30 s), so the owner also closes the pool to end this loop.
                 async for message in pubsub.listen():
                     data = message.get("data")
-                    purge = decode_purge(data) if isinstance(data, bytes) else None
-                    if purge is not None:
-                        on_purge(purge)
+                    notice = decode_purge(data) if isinstance(data, bytes) else None
+                    # Our own deletions were applied when made: an echo arriving after the
+                    # same audio was registered again must not undo that registration.
+                    if notice is not None and notice[0] != self.instance:
+                        on_purge(notice[1])
             except (RedisError, OSError, TimeoutError) as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():

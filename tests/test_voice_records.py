@@ -14,11 +14,11 @@ import redis.asyncio as aioredis
 from clients.client import Backoff, LivevoiceClient
 from live.audio import Fingerprint
 from live.encoder import EncoderWorker, SpeakerEncoder
-from live.redis_tier import RedisTier, key, record_key, refs_key
+from live.redis_tier import PURGE_CHANNEL, RedisTier, key, record_key, refs_key
 from live.settings import Limits
 from live.speech import PiperEngine
 from live.tenants import new_token
-from live.voices import Embedding, VoiceRecord
+from live.voices import Embedding, Purge, VoiceRecord
 from protocol import AudioFrame, decode_server
 from protocol.messages import AudioEnd, Error, Pong, Queued, VoiceDeleted, VoiceReady
 from tests.clips import reference_clip, wav_bytes
@@ -381,3 +381,39 @@ async def test_a_message_stops_at_the_audio_cap(
         await c.asend({"type": "speak", "id": "short", "text": "Short one."})
         short = await c.await_type("audio.end")
         assert isinstance(short, AudioEnd) and not short.truncated
+
+
+async def test_purge_notices_reach_other_servers_but_not_their_origin(
+    redis_server: RedisServer,
+) -> None:
+    """A server applies its own deletions when it makes them; its echo, arriving after the same
+    audio was registered again, must not undo that registration."""
+    origin, other = RedisTier(redis_server.url), RedisTier(redis_server.url)
+    heard: dict[str, list[Purge]] = {"origin": [], "other": []}
+    listeners = [
+        asyncio.create_task(origin.alisten_purges(heard["origin"].append)),
+        asyncio.create_task(other.alisten_purges(heard["other"].append)),
+    ]
+    try:
+        fp = fingerprint(7)
+        record = VoiceRecord("v_echo", fp, None, 5.0)
+        assert await origin.aput_record("alice", record)
+        raw = aioredis.from_url(redis_server.url)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while (await raw.pubsub_numsub(PURGE_CHANNEL))[0][1] < 2:
+                assert loop.time() < deadline, "listeners did not subscribe"
+                await asyncio.sleep(0.02)
+        finally:
+            await raw.aclose()
+        assert await origin.adelete_voice("ge2e-test", Purge("alice", "v_echo", fp, False))
+        await until_true(lambda: bool(heard["other"]), "the other server's notice")
+        assert heard["other"] == [Purge("alice", "v_echo", fp, True)]
+        assert heard["origin"] == []
+    finally:
+        for task in listeners:
+            task.cancel()
+        await origin.aclose()
+        await other.aclose()
+        await asyncio.gather(*listeners, return_exceptions=True)
