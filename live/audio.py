@@ -1,24 +1,95 @@
-"""Reference clips: decode any supported container to canonical PCM and fingerprint it."""
+"""Reference clips: decode any supported container to canonical PCM and fingerprint it.
+
+A clip is untrusted: a few hundred kilobytes of FLAC can declare minutes of audio at 655 kHz in
+eight channels. So the header is checked before anything is decoded (container, rate, channels,
+declared length), the decode runs in blocks of about a second that are mixed down to mono as they
+come (peak memory is the mono result, not frames times channels), and it stops at ``max_s``. What
+decodes is then checked to be a voice (speech the VAD hears, not a tone, a DC offset or a clipped
+square) and measured, so a streamer learns that a clip is poor before relying on it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass
-from typing import NewType
+from typing import Any, Final, NewType
 
 import numpy as np
+import numpy.typing as npt
 import soundfile as sf
 import soxr
 
-from protocol.errors import ClipNotAudio, ClipSilent, ClipTooLong, ClipTooShort
+from protocol.errors import (
+    ClipNotAudio,
+    ClipNotSpeech,
+    ClipSilent,
+    ClipTooLong,
+    ClipTooShort,
+    Unsupported,
+)
 
 CANONICAL_RATE = 16000
 Fingerprint = NewType("Fingerprint", str)
 """Hex BLAKE2b-256 of a clip's canonical PCM: the same audio in any container has the same one."""
 
+# The spec's formats (wav, flac, ogg, mp3) as libsndfile names them. WAVEX is a WAV with
+# WAVE_FORMAT_EXTENSIBLE (what most tools write for more than two channels or 24 bits); RF64
+# is the EBU's WAV for long recordings. AIFF, CAF, AU and the rest decode, but are not ours.
+_CONTAINERS: Final = frozenset({"WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3"})
+_MP3_SUBTYPE: Final = "MPEG_LAYER_III"  # libsndfile's "MP3" also reads MPEG layers I and II
+MIN_SOURCE_RATE: Final = 8_000
+"""Telephone speech; below it there is no voice band to hear (a 1 Hz "20 s" WAV is 84 bytes)."""
+MAX_SOURCE_RATE: Final = 192_000
+"""The highest rate recorders and audio interfaces offer; FLAC allows 655,350 Hz."""
+MAX_SOURCE_CHANNELS: Final = 8
+"""7.1 surround; every channel is decoded before the mix-down, so this bounds a block's size."""
+MIN_SPEECH_S: Final = 1.0
+"""Voiced seconds a reference needs: the encoder embeds 1.6 s partials of what the VAD keeps."""
+
 _FINGERPRINT_DOMAIN = b"livevoice:pcm:v1:f32le:16000:"
 _SILENCE_PEAK = 1e-4
+# libsndfile reports SF_COUNT_MAX frames for a FLAC whose STREAMINFO says "length unknown";
+# a declared length beyond a day is no length either. Both mean: trust only the decode.
+_UNKNOWN_FRAMES: Final = 2**62
+_PLAUSIBLE_S: Final = 24 * 3600.0
+# Declared lengths of MP3 are estimates: only one well beyond the limit is refused undecoded.
+_DECLARED_SLACK: Final = 1.5
+_BLOCK_S: Final = 1.0  # at most 192,000 frames, 8 channels, 4 B: 6 MB decoded at a time
+# A float file may run a few dB over full scale (an unlimited mix bus); +24 dB is no recording
+# level but garbage, or integers stored as floats (±32767).
+_MAX_ABS_SAMPLE: Final = 16.0
+_FULL_SCALE: Final = 0.999
+_CLIPPED_SOLID: Final = 0.5  # even speech 32 times too loud keeps under half its samples at ±1
+_VAD_WINDOW: Final = 480  # 30 ms at 16 kHz, webrtcvad's frame
+_WARN_SPEECH_S: Final = 3.0
+_WARN_LEVEL_DBFS: Final = -40.0
+_WARN_CLIPPED: Final = 0.001
+_WARN_DC: Final = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class ClipQuality:
+    """What a registered clip holds, for ``voice.ready.quality``: a poor clip still registers
+    (the streamer decides), but says why it may sound wrong."""
+
+    speech_s: float
+    """Seconds the VAD hears as speech: what the speaker encoder keeps of the clip."""
+    level_dbfs: float
+    """RMS of the voiced part, DC removed, in dB to full scale (a full-scale sine is -3)."""
+    clipped: float
+    """Fraction of samples at full scale (|x| ≥ 0.999), before resampling."""
+    warnings: tuple[str, ...] = ()
+    """Short human-readable findings, empty for a good clip."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "speech_s": round(self.speech_s, 2),
+            "level_dbfs": round(self.level_dbfs, 1),
+            "clipped": round(self.clipped, 5),
+            "warnings": list(self.warnings),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +99,7 @@ class CanonicalClip:
     fingerprint: Fingerprint
     source_rate: int
     source_channels: int
+    quality: ClipQuality
 
     @property
     def duration_s(self) -> float:
@@ -39,40 +111,151 @@ def fingerprint(pcm16k: np.ndarray) -> Fingerprint:
     return Fingerprint(hashlib.blake2b(_FINGERPRINT_DOMAIN + data, digest_size=32).hexdigest())
 
 
-def canonicalize(data: bytes, *, min_s: float = 1.0, max_s: float = 30.0) -> CanonicalClip:
-    """Decode WAV/FLAC/OGG/MP3 bytes to mono 16 kHz float32, checking duration before decoding."""
+def canonicalize(
+    data: bytes, *, min_s: float = 1.0, max_s: float = 30.0, min_speech_s: float = MIN_SPEECH_S
+) -> CanonicalClip:
+    """Decode WAV/FLAC/OGG/MP3 bytes to mono 16 kHz float32 and check that it is a voice.
+
+    The fingerprint is of the canonical PCM exactly as decoded and resampled: DC removal and
+    level normalisation are for the checks only, so a clip keeps the fingerprint it always had.
+    """
+    rate, channels = _header(data, max_s=max_s)
+    mono = _decode_mono(data, rate, max_frames=int(max_s * rate))
+    duration_s = len(mono) / rate
+    if duration_s < min_s or not len(mono):
+        raise ClipTooShort(f"the clip is {duration_s:.2f} s; at least {min_s:g} s is needed")
+    dc = float(np.mean(mono, dtype=np.float64))
+    swing = max(float(mono.max()) - dc, dc - float(mono.min()))
+    if swing < _SILENCE_PEAK:
+        offset = f" (only a constant offset of {dc:+.2f})" if abs(dc) >= _SILENCE_PEAK else ""
+        raise ClipSilent(f"the clip is silent{offset}")
+    clipped = float(np.count_nonzero(np.abs(mono) >= _FULL_SCALE)) / len(mono)
+    if clipped >= _CLIPPED_SOLID:
+        raise ClipNotSpeech(f"the clip is clipped solid: {clipped:.0%} of samples at full scale")
+    if rate != CANONICAL_RATE:
+        mono = soxr.resample(mono, rate, CANONICAL_RATE, quality="HQ")
+    pcm = np.ascontiguousarray(mono, dtype=np.float32)
+    quality = _assess(pcm, clipped=clipped, dc=dc, min_speech_s=min_speech_s)
+    return CanonicalClip(pcm, fingerprint(pcm), rate, channels, quality)
+
+
+def _header(data: bytes, *, max_s: float) -> tuple[int, int]:
+    """The clip's sample rate and channels, refused before decoding where they, the container
+    or the declared length are out of bounds."""
     try:
         info = sf.info(io.BytesIO(data))
     except Exception:
         raise ClipNotAudio(
             "the clip is not audio in a supported format (wav, flac, ogg, mp3)"
         ) from None
+    if info.format not in _CONTAINERS or (info.format == "MP3" and info.subtype != _MP3_SUBTYPE):
+        raise ClipNotAudio(f"the clip is {info.format} {info.subtype}; send WAV, FLAC, OGG or MP3")
     if info.channels < 1 or info.samplerate < 1:
         raise ClipNotAudio("the clip declares no channels or no sample rate")
-    # The header's frame count can lie (or be unknown for MP3); it only guards the decode's size.
-    declared_s = info.frames / info.samplerate if info.frames > 0 else 0.0
-    if declared_s > max_s * 1.5:
+    if not MIN_SOURCE_RATE <= info.samplerate <= MAX_SOURCE_RATE:
+        raise Unsupported(
+            f"the clip's sample rate is {info.samplerate} Hz; "
+            f"{MIN_SOURCE_RATE} to {MAX_SOURCE_RATE} Hz is supported"
+        )
+    if info.channels > MAX_SOURCE_CHANNELS:
+        raise Unsupported(
+            f"the clip has {info.channels} channels; at most {MAX_SOURCE_CHANNELS} are supported"
+        )
+    declared_s = info.frames / info.samplerate
+    known = 0 < info.frames < _UNKNOWN_FRAMES and declared_s <= _PLAUSIBLE_S
+    if known and declared_s > max_s * _DECLARED_SLACK:
         raise ClipTooLong(f"the clip is {declared_s:.1f} s; the limit is {max_s:g} s")
-    max_frames = int((max_s + 1) * info.samplerate)
+    return int(info.samplerate), int(info.channels)
+
+
+def _decode_mono(data: bytes, rate: int, *, max_frames: int) -> npt.NDArray[np.float32]:
+    """The clip mixed down to mono at its own rate, a block at a time, up to ``max_frames``.
+
+    Each channel's samples are checked as they come: non-finite ones are no audio, ones far
+    outside [-1, 1] no voice. The mix is the same per-frame mean over channels as a whole-file
+    decode takes, so the fingerprint does not depend on the block size.
+    """
+    parts: list[npt.NDArray[np.float32]] = []
+    total = 0
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            pcm = f.read(frames=max_frames, dtype="float32", always_2d=True)
+            block = np.empty((max(1, int(rate * _BLOCK_S)), f.channels), dtype=np.float32)
+            while total <= max_frames:
+                frames = block[: _read_frames(f, block[: max_frames + 1 - total])]
+                if not len(frames):
+                    break
+                peak = float(np.max(np.abs(frames)))
+                if not math.isfinite(peak):
+                    raise ClipNotAudio("the clip holds non-finite samples")
+                if peak > _MAX_ABS_SAMPLE:
+                    raise ClipNotSpeech(f"the clip's samples reach {peak:.3g}, far outside [-1, 1]")
+                if frames.shape[1] > 1:
+                    parts.append(frames.mean(axis=1, dtype=np.float32))
+                else:
+                    parts.append(frames[:, 0].copy())  # the block is reused
+                total += len(frames)
+    except (ClipNotAudio, ClipNotSpeech):
+        raise
     except Exception:
         raise ClipNotAudio("the clip could not be decoded") from None
-    duration_s = pcm.shape[0] / info.samplerate
-    if duration_s > max_s:
-        raise ClipTooLong(f"the clip is longer than {max_s:g} s")
-    if duration_s < min_s:
-        raise ClipTooShort(f"the clip is {duration_s:.2f} s; at least {min_s:g} s is needed")
-    mono = pcm.mean(axis=1, dtype=np.float32) if pcm.shape[1] > 1 else pcm[:, 0]
-    if not np.all(np.isfinite(mono)):
-        raise ClipNotAudio("the clip holds non-finite samples")
-    if float(np.max(np.abs(mono))) < _SILENCE_PEAK:
-        raise ClipSilent("the clip is silent")
-    if info.samplerate != CANONICAL_RATE:
-        mono = soxr.resample(mono, info.samplerate, CANONICAL_RATE, quality="HQ")
-    mono = np.ascontiguousarray(mono, dtype=np.float32)
-    return CanonicalClip(mono, fingerprint(mono), info.samplerate, info.channels)
+    if total > max_frames:
+        raise ClipTooLong(f"the clip is longer than {max_frames / rate:g} s")
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _read_frames(f: sf.SoundFile, out: npt.NDArray[np.float32]) -> int:
+    """Decode up to ``len(out)`` frames into ``out`` (C-contiguous frames x channels floats).
+
+    libsndfile's ``sf_readf_float`` through soundfile's own handle, because ``SoundFile.read``
+    seeks to its new position after every read, and that seek fails at the end of a FLAC whose
+    STREAMINFO declares its length unknown (0 samples, as streaming encoders write it): the
+    clip's last block would be lost to an error.
+    """
+    if not len(out):
+        return 0
+    assert out.flags.c_contiguous and out.dtype == np.float32
+    pointer = sf._ffi.cast("float *", out.__array_interface__["data"][0])
+    read = int(sf._snd.sf_readf_float(f._file, pointer, len(out)))
+    if sf._snd.sf_error(f._file) != 0:
+        raise ClipNotAudio("the clip could not be decoded")
+    return read
+
+
+def _assess(
+    pcm: npt.NDArray[np.float32], *, clipped: float, dc: float, min_speech_s: float
+) -> ClipQuality:
+    """Speech seconds, level and findings of a canonical clip; ClipNotSpeech if it is no voice.
+
+    The VAD hears the clip as the encoder will (volume normalised, same webrtcvad, same
+    windows), with the DC offset removed first: a constant offset is no sound.
+    """
+    # live.encoder brings torch: the server has it loaded already, while users of
+    # Fingerprint alone (the Redis tier, the bench) should not pay for it.
+    from live.encoder import normalize_volume, voice_flags
+
+    usable = len(pcm) - len(pcm) % _VAD_WINDOW
+    centred = pcm[:usable] - np.float32(np.mean(pcm, dtype=np.float64))
+    flags = voice_flags(normalize_volume(centred)) if usable else np.zeros(0, dtype=bool)
+    speech_s = float(np.count_nonzero(flags)) * _VAD_WINDOW / CANONICAL_RATE
+    if speech_s < min_speech_s:
+        raise ClipNotSpeech(
+            f"the clip holds {speech_s:.2f} s of speech; at least {min_speech_s:g} s is needed"
+        )
+    voiced = centred[np.repeat(flags, _VAD_WINDOW)].astype(np.float64)
+    rms = math.sqrt(float(np.mean(voiced * voiced)))
+    level_dbfs = 20 * math.log10(max(rms, 1e-10))  # finite, so it stays JSON
+    warnings = []
+    if speech_s < _WARN_SPEECH_S:
+        warnings.append(f"little speech ({speech_s:.1f} s)")
+    if level_dbfs < _WARN_LEVEL_DBFS:
+        warnings.append(f"quiet ({level_dbfs:.0f} dBFS)")
+    if clipped >= _WARN_CLIPPED:
+        warnings.append(f"clipping ({clipped * 100:.1f} % of samples)")
+    if abs(dc) >= _WARN_DC:
+        warnings.append(f"DC offset ({dc:+.2f})")
+    return ClipQuality(speech_s, level_dbfs, clipped, tuple(warnings))
 
 
 def to_s16le(pcm: np.ndarray) -> bytes:

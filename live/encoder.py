@@ -48,6 +48,7 @@ __all__ = [
     "partial_slices",
     "preprocess_wav",
     "trim_long_silences",
+    "voice_flags",
 ]
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,13 @@ def _webrtcvad() -> types.ModuleType:
     return module
 
 
-def _voice_flags(wav: FloatArray) -> npt.NDArray[np.bool_]:
+def voice_flags(wav: FloatArray) -> npt.NDArray[np.bool_]:
+    """webrtcvad's verdict (aggressiveness 3) per 30 ms window of a 16 kHz clip whose length
+    is a whole number of windows.
+
+    Also what ``live.audio`` counts voiced seconds with, so the clip check and the encoder's
+    silence trimming hear the same speech.
+    """
     webrtcvad = _webrtcvad()
     # resemblyzer casts without clipping, which wraps (and warns) for samples beyond ±1.0.
     pcm = np.clip(np.round(wav * _INT16_MAX), -_INT16_MAX - 1, _INT16_MAX).astype(np.int16)
@@ -212,7 +219,7 @@ def trim_long_silences(wav: FloatArray) -> FloatArray:
     usable = wav[: len(wav) - len(wav) % VAD_WINDOW]
     if usable.size == 0:
         return wav
-    flags = _voice_flags(usable).astype(np.float64)
+    flags = voice_flags(usable).astype(np.float64)
 
     width = VAD_MOVING_AVERAGE_WIDTH
     padded = np.concatenate((np.zeros((width - 1) // 2), flags, np.zeros(width // 2)))

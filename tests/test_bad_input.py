@@ -9,6 +9,7 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from live.encoder import EncoderWorker
 from live.settings import Limits
@@ -155,7 +156,8 @@ async def test_frames_above_the_frame_limit_close_with_1009(encoder_worker: Enco
 
 
 def stereo_flac_48k(seconds: float) -> bytes:
-    left = tone(seconds, 48000)
+    speech, sr = reference_clip("piper")  # speech: a tone is refused as clip_not_speech
+    left = soxr.resample(speech, sr, 48000)[: int(seconds * 48000)]
     buf = io.BytesIO()
     sf.write(buf, np.stack([left, left * 0.5], axis=1), 48000, format="FLAC")
     return buf.getvalue()

@@ -7,9 +7,11 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from live.audio import Fingerprint, canonicalize, fingerprint
 from live.voices import Embedding, EmbeddingL1, voice_id_for
+from tests.clips import reference_clip
 
 
 def emb(i: int) -> Embedding:
@@ -66,8 +68,9 @@ def test_voice_ids_are_scoped_to_the_tenant() -> None:
 
 @pytest.mark.parametrize("channels", [1, 2, 6])
 def test_canonical_clip_is_mono_16k(channels: int) -> None:
-    t = np.arange(48000 * 2) / 48000
-    pcm = np.stack([0.2 * np.sin(2 * np.pi * 200 * t)] * channels, axis=1).astype(np.float32)
+    speech, sr = reference_clip("piper")  # speech: a tone is refused as clip_not_speech
+    first_2s = soxr.resample(speech, sr, 48000)[: 48000 * 2]
+    pcm = np.stack([first_2s] * channels, axis=1).astype(np.float32)
     clip = canonicalize(_encode(pcm, 48000, "WAV"))
     assert clip.pcm.dtype == np.float32 and clip.pcm.ndim == 1
     assert clip.duration_s == pytest.approx(2.0, abs=0.01)
