@@ -14,6 +14,7 @@ from aiohttp import WSCloseCode, web
 
 from clients.web import add_widget_routes
 
+from .connections import Lobby, SessionSocket, handler_args, upgrade_tenant
 from .metrics import Metrics
 from .session import Session
 from .settings import Limits, Settings
@@ -47,6 +48,8 @@ class Services:
 
     tenants: TenantDirectory = field(default_factory=lambda: TenantDirectory({}))
     tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits(Limits()))
+    lobby: Lobby = field(default_factory=lambda: Lobby(Settings().max_unauthenticated))
+    """WebSockets that have not authenticated yet."""
 
     def start_background(self) -> None:
         if self.tier is not None:
@@ -154,6 +157,7 @@ async def abuild_services(
         owned,
         tenants=tenants,
         tenant_limits=TenantLimits(settings.limits),
+        lobby=Lobby(settings.max_unauthenticated),
     )
 
 
@@ -163,7 +167,9 @@ def create_app(
     engine: SpeechEngine | None = None,
     embedder: Embedder | None = None,
 ) -> web.Application:
-    app = web.Application()
+    # Through handler_args so that every runner of this app (serve, the tests, the bench) gets
+    # the header timeout and an access log that never shows a ?token=.
+    app = web.Application(handler_args=handler_args(settings.header_timeout_s))
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         app[SERVICES] = await abuild_services(settings, engine=engine, embedder=embedder)
@@ -187,18 +193,30 @@ def create_app(
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     services = request.app[SERVICES]
-    # PCM does not compress; deflating an 800 KB clip costs a client ~50 ms for nothing.
-    ws = web.WebSocketResponse(
-        max_msg_size=services.settings.limits.max_frame_bytes, compress=False, heartbeat=30.0
-    )
-    await ws.prepare(request)
-    services.sockets.add(ws)
+    limits = services.settings.limits
+    tenant = upgrade_tenant(request, services.tenants)
+    # Not authenticated yet: one of a capped few, reading only small frames until hello.
+    leave_lobby = services.lobby.enter() if tenant is None else None
     try:
-        await Session(ws, services).arun()
+        # PCM does not compress; deflating an 800 KB clip costs a client ~50 ms for nothing.
+        ws = SessionSocket(
+            frame_limit=limits.max_frame_bytes if tenant else limits.max_hello_frame_bytes,
+            admitted_frame_limit=limits.max_frame_bytes,
+            on_admit=leave_lobby,
+            compress=False,
+            heartbeat=30.0,
+        )
+        await ws.prepare(request)
+        services.sockets.add(ws)
+        try:
+            await Session(ws, services, tenant=tenant).arun()
+        finally:
+            services.sockets.discard(ws)
+            if not ws.closed:
+                await ws.close()
     finally:
-        services.sockets.discard(ws)
-        if not ws.closed:
-            await ws.close()
+        if leave_lobby is not None:
+            leave_lobby()
     return ws
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_app
+from .connections import alisten
 from .settings import Settings
 from .tenants import TenantDirectory, describe, new_token
 
@@ -104,8 +105,9 @@ async def aserve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    listener = await alisten(
+        runner, settings.host, settings.port, max_connections=settings.max_connections
+    )
     log.info(
         "livevoice listening on http://%s:%d (ws at /ws; %s event loop)",
         settings.host,
@@ -122,6 +124,7 @@ async def aserve(settings: Settings) -> None:
         await stop.wait()
     finally:
         log.info("shutting down")
+        listener.close()
         await runner.cleanup()
 
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType
 
 from protocol import AudioFrame, ClipUpload, LivevoiceError, ServerProtocol, SessionState, encode
 from protocol.errors import (
@@ -25,6 +25,7 @@ from protocol.errors import (
     InternalError,
     NoVoice,
     SynthesisFailed,
+    Unauthorized,
     VoiceFailed,
 )
 from protocol.messages import (
@@ -48,6 +49,7 @@ from protocol.messages import (
 )
 
 from .audio import Fingerprint, canonicalize, to_s16le
+from .connections import SessionSocket
 from .queue import SpeakJob, SpeechQueue
 from .speech import Resampler
 from .text import clean_text
@@ -70,7 +72,9 @@ SAMPLE_RATES = (16000, 22050, 24000, 48000)
 
 
 class Session:
-    def __init__(self, ws: web.WebSocketResponse, services: Services) -> None:
+    def __init__(
+        self, ws: SessionSocket, services: Services, *, tenant: str | None = None
+    ) -> None:
         self.ws = ws
         self.services = services
         self.id = uuid.uuid4().hex[:16]
@@ -83,6 +87,8 @@ class Session:
         )
         self.queue = SpeechQueue(limits.max_queue)
         self.tenant = "public"
+        self._upgrade_tenant = tenant
+        """The tenant a token in the HTTP upgrade authenticated (None: hello must carry one)."""
         self._voice: asyncio.Future[ResolvedVoice] | None = None
         self._pinned: ResolvedVoice | None = None
         self._send_lock = asyncio.Lock()
@@ -145,7 +151,10 @@ class Session:
             elif msg.type is WSMsgType.BINARY:
                 await self._guard(self._aon_binary(msg.data))
             elif msg.type is WSMsgType.ERROR:
-                self.log.info("socket error: %s", self.ws.exception())
+                if isinstance(msg.data, LivevoiceError):  # a frame RFC 6455 says ends it
+                    await self._areject(msg.data)
+                else:
+                    self.log.info("socket error: %s", self.ws.exception())
                 return
             else:  # CLOSE, CLOSING, CLOSED
                 return
@@ -205,9 +214,16 @@ class Session:
         self._start_voice(self._aregister(upload))
 
     async def _ahello(self, hello: Hello) -> None:
-        self.tenant = self.services.tenants.authenticate(hello.token)
+        upgraded = self._upgrade_tenant
+        if upgraded is None or hello.token is not None:
+            self.tenant = self.services.tenants.authenticate(hello.token)
+            if upgraded is not None and self.tenant != upgraded:
+                raise Unauthorized("the token in hello names another tenant than the upgrade's")
+        else:
+            self.tenant = upgraded
         self.services.tenant_limits.open_session(self.tenant)
         self._counted = True
+        self.ws.admit()  # before ready: a client may send its clip as soon as it reads ready
         self.log.info("hello from %s", (hello.client or "unnamed client")[:80])
         settings = self.services.settings
         await self.asend(

@@ -16,6 +16,9 @@ class Limits:
 
     max_frame_bytes: int = 16 * 1024 * 1024
     """Largest WebSocket frame read at all; bigger ones close the socket with 1009."""
+    max_hello_frame_bytes: int = 64 * 1024
+    """Largest frame before the client is authenticated (no token in the upgrade, no ``ready``
+    yet): a hello is tiny, and a stranger must not make the server buffer megabytes."""
     max_clip_bytes: int = 10 * 1024 * 1024
     min_clip_s: float = 1.0
     max_clip_s: float = 30.0
@@ -67,6 +70,14 @@ class Settings:
     (``livevoice token TENANT`` makes one). Without tokens the server binds to loopback only."""
     tokens_file: str | None = None
     """A file of the same entries, one per line (``#`` comments allowed)."""
+    max_connections: int = 1000
+    """TCP connections open at once (HTTP and WebSocket); more get a 503 and are closed."""
+    max_unauthenticated: int = 64
+    """WebSockets open at once that have not authenticated yet (no token in the upgrade and no
+    ``hello`` answered); more are refused with HTTP 503 before the upgrade."""
+    header_timeout_s: float = 10.0
+    """Time a connection has to send its request headers; also how long an idle keep-alive
+    HTTP connection is kept."""
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

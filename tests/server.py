@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from live.app import SERVICES, Services, create_app
+from live.connections import alisten
 from live.settings import Settings
 from live.speech import SpeechEngine
 from live.voices import Embedder
@@ -36,6 +37,7 @@ class LiveServer:
     engine: SpeechEngine | None = None
     embedder: Embedder | None = None
     runner: web.AppRunner | None = None
+    listener: asyncio.Server | None = None
 
     @property
     def port(self) -> int:
@@ -58,9 +60,14 @@ class LiveServer:
         app = create_app(self.settings, engine=self.engine, embedder=self.embedder)
         self.runner = web.AppRunner(app, handle_signals=False)
         await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.listener = await alisten(
+            self.runner, "127.0.0.1", self.port, max_connections=self.settings.max_connections
+        )
 
     async def astop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

@@ -148,6 +148,7 @@ async def test_frames_above_the_frame_limit_close_with_1009(encoder_worker: Enco
         async with raw_client(srv) as c:
             await c.asend({"type": "voice.register"})
             await c.asend_bytes(b"\0" * (64 * 1024 + 1))
+            await expect_error(c, "frame_too_large")
             msg = await asyncio.wait_for(c.ws.receive(), 5)
             assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1009
         # The server itself carries on.
