@@ -44,8 +44,10 @@ from .tenants import PUBLIC_TENANT, TenantDirectory
 
 log = logging.getLogger(__name__)
 
-LINGER_S = 2.0
-"""How long a connection ended by a bad frame stays open for its client to read why."""
+LINGER_S = 5.0
+"""How long a connection ended by a bad frame stays open for its client to read why. Measured:
+100 clients each sending a 15.9 MB frame before hello, on 2 loaded cores, 2 s let 29 of the 64
+admitted ones see a reset before the error; 5 s let all 64 read it."""
 
 
 # --- frames ---------------------------------------------------------------------------------
