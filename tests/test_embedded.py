@@ -134,6 +134,30 @@ async def served(data_dir: Path, log_path: Path) -> AsyncIterator[Served]:
             kill_left_behind(server.redis_pid, data_dir)
 
 
+async def astart_left_behind(
+    data_dir: Path, config: Path | None = None
+) -> asyncio.subprocess.Process:
+    """A redis-server on the data dir (by default on its own config) that no server started,
+    once it answers."""
+    binary = bundled_redis_server()
+    assert binary is not None
+    orphan = await asyncio.create_subprocess_exec(
+        *(str(binary), str(config or data_dir / "redis.conf")),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    async with redis.asyncio.Redis(unix_socket_path=str(data_dir / "redis.sock")) as r:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError, redis.RedisError):
+                if await r.ping():
+                    return orphan
+            assert time.monotonic() < deadline and orphan.returncode is None
+            await asyncio.sleep(0.05)
+
+
 async def use(c: RawClient, voice_id: str) -> Message:
     await c.asend({"type": "voice.use", "voice_id": voice_id})
     return await c.anext()
@@ -217,8 +241,6 @@ async def test_a_redis_left_running_is_stopped_before_ours_starts(tmp_path: Path
     """A redis-server that did not die with its server (one from a version without the
     parent-death signal, or one whose signal was lost) holds voices only it has: the next
     server stops it so that it saves them, and only then starts its own."""
-    binary = bundled_redis_server()
-    assert binary is not None
     data_dir = tmp_path / "data"
     async with served(data_dir, tmp_path / "first.log") as first:
         async with first.aconnect() as c:
@@ -226,22 +248,9 @@ async def test_a_redis_left_running_is_stopped_before_ours_starts(tmp_path: Path
         assert await first.astop() == 0
     # The left-behind one: started from the data dir's own config, tied to no server, and the
     # only holder of V1 once the snapshot it loaded is gone.
-    orphan = await asyncio.create_subprocess_exec(
-        *(str(binary), str(data_dir / "redis.conf")),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    orphan = await astart_left_behind(data_dir)
     try:
         async with redis.asyncio.Redis(unix_socket_path=str(data_dir / "redis.sock")) as r:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(OSError, redis.RedisError):
-                    if await r.ping():
-                        break
-                assert time.monotonic() < deadline and orphan.returncode is None
-                await asyncio.sleep(0.05)
             assert await r.dbsize() > 0
         (data_dir / "voices.rdb").unlink()
 
@@ -259,6 +268,96 @@ async def test_a_redis_left_running_is_stopped_before_ours_starts(tmp_path: Path
         if orphan.returncode is None:
             orphan.kill()
         await asyncio.wait_for(orphan.wait(), 30)
+
+
+async def test_a_left_behind_redis_that_hangs_is_killed(tmp_path: Path) -> None:
+    """One that does not stop on SIGTERM (here: SIGSTOPped) cannot hold a new server's start
+    for ever: after ``stop_timeout_s`` it is SIGKILLed, and only then ours starts."""
+    data_dir = tmp_path / "data"
+    first = EmbeddedRedis(data_dir)
+    assert await first.astart() is not None  # writes the data dir's config
+    await first.aclose()
+    orphan = await astart_left_behind(data_dir)
+    orphan.send_signal(signal.SIGSTOP)
+    second: EmbeddedRedis | None = None
+    try:
+        second = EmbeddedRedis(data_dir, stop_timeout_s=1.0)
+        assert await second.astart() is not None
+        assert await asyncio.wait_for(orphan.wait(), 30) == -signal.SIGKILL
+        assert second.pid is not None and second.pid != orphan.pid
+    finally:
+        if second is not None:
+            await second.aclose()
+        if orphan.returncode is None:
+            orphan.kill()
+        await asyncio.wait_for(orphan.wait(), 30)
+
+
+def older_config(data_dir: Path, title: str | None = None) -> Path:
+    """The data dir's config as a version before the pidfile wrote it (no pidfile, the default
+    process title), or with a process title that names neither config nor socket."""
+    lines = [
+        line
+        for line in (data_dir / "redis.conf").read_text().splitlines()
+        if not line.startswith(("pidfile", "proc-title-template"))
+    ]
+    if title is not None:
+        lines.append(f'proc-title-template "{title}"')
+    config = data_dir.parent / "older.conf"
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+async def test_a_redis_left_by_an_older_version_is_found_through_its_socket(
+    tmp_path: Path,
+) -> None:
+    """An orphan from before the pidfile (the ones this bug left behind) answers on our socket
+    and reports its pid; its title names our socket: it is stopped, and what it held is kept."""
+    data_dir = tmp_path / "data"
+    first = EmbeddedRedis(data_dir)
+    assert await first.astart() is not None
+    await first.aclose()
+    orphan = await astart_left_behind(data_dir, older_config(data_dir))
+    second: EmbeddedRedis | None = None
+    try:
+        async with redis.asyncio.Redis(unix_socket_path=str(data_dir / "redis.sock")) as r:
+            await r.set("only-in-the-orphan", b"v1")
+        second = EmbeddedRedis(data_dir)
+        url = await second.astart()
+        assert url is not None
+        assert await asyncio.wait_for(orphan.wait(), 30) == 0
+        async with redis.asyncio.Redis.from_url(url) as r:
+            assert await r.get("only-in-the-orphan") == b"v1"
+    finally:
+        if second is not None:
+            await second.aclose()
+        if orphan.returncode is None:
+            orphan.kill()
+        await asyncio.wait_for(orphan.wait(), 30)
+
+
+async def test_a_redis_that_cannot_be_identified_is_never_joined_by_a_second(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something answers on our socket whose pid cannot be told to be ours (here: a title that
+    names neither config nor socket): neither signal it nor start a second beside it."""
+    caplog.set_level(logging.WARNING)
+    data_dir = tmp_path / "data"
+    first = EmbeddedRedis(data_dir)
+    assert await first.astart() is not None
+    await first.aclose()
+    stranger = await astart_left_behind(data_dir, older_config(data_dir, title="{title} {port}"))
+    embedded = EmbeddedRedis(data_dir)
+    try:
+        assert await embedded.astart() is None
+        assert embedded.pid is None and stranger.returncode is None
+        assert "cannot identify" in caplog.text
+        async with redis.asyncio.Redis(unix_socket_path=str(data_dir / "redis.sock")) as r:
+            assert await r.ping()
+    finally:
+        await embedded.aclose()
+        stranger.terminate()
+        await asyncio.wait_for(stranger.wait(), 30)
 
 
 async def test_a_pidfile_naming_another_process_is_left_alone(tmp_path: Path) -> None:
