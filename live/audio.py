@@ -119,8 +119,8 @@ def canonicalize(
     The fingerprint is of the canonical PCM exactly as decoded and resampled: DC removal and
     level normalisation are for the checks only, so a clip keeps the fingerprint it always had.
     """
-    rate, channels = _header(data, max_s=max_s)
-    mono = _decode_mono(data, rate, max_frames=int(max_s * rate))
+    rate, channels, declared = _header(data, max_s=max_s)
+    mono = _decode_mono(data, rate, max_frames=int(max_s * rate), declared=declared)
     duration_s = len(mono) / rate
     if duration_s < min_s or not len(mono):
         raise ClipTooShort(f"the clip is {duration_s:.2f} s; at least {min_s:g} s is needed")
@@ -139,9 +139,9 @@ def canonicalize(
     return CanonicalClip(pcm, fingerprint(pcm), rate, channels, quality)
 
 
-def _header(data: bytes, *, max_s: float) -> tuple[int, int]:
-    """The clip's sample rate and channels, refused before decoding where they, the container
-    or the declared length are out of bounds."""
+def _header(data: bytes, *, max_s: float) -> tuple[int, int, int | None]:
+    """The clip's sample rate, channels and declared frames (None: unknown), refused before
+    decoding where they or the container are out of bounds."""
     try:
         info = sf.info(io.BytesIO(data))
     except Exception:
@@ -165,23 +165,28 @@ def _header(data: bytes, *, max_s: float) -> tuple[int, int]:
     known = 0 < info.frames < _UNKNOWN_FRAMES and declared_s <= _PLAUSIBLE_S
     if known and declared_s > max_s * _DECLARED_SLACK:
         raise ClipTooLong(f"the clip is {declared_s:.1f} s; the limit is {max_s:g} s")
-    return int(info.samplerate), int(info.channels)
+    return int(info.samplerate), int(info.channels), int(info.frames) if known else None
 
 
-def _decode_mono(data: bytes, rate: int, *, max_frames: int) -> npt.NDArray[np.float32]:
+def _decode_mono(
+    data: bytes, rate: int, *, max_frames: int, declared: int | None
+) -> npt.NDArray[np.float32]:
     """The clip mixed down to mono at its own rate, a block at a time, up to ``max_frames``.
 
     Each channel's samples are checked as they come: non-finite ones are no audio, ones far
-    outside [-1, 1] no voice. The mix is the same per-frame mean over channels as a whole-file
-    decode takes, so the fingerprint does not depend on the block size.
+    outside [-1, 1] no voice. The samples are those one whole-file read gave before (the
+    fingerprints in Redis were made from it): the same per-frame mean over channels, and no
+    more frames than the header declares (an MP3's count is an estimate; soundfile stopped
+    there).
     """
     parts: list[npt.NDArray[np.float32]] = []
     total = 0
+    limit = max_frames + 1 if declared is None else min(max_frames + 1, declared)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             block = np.empty((max(1, int(rate * _BLOCK_S)), f.channels), dtype=np.float32)
-            while total <= max_frames:
-                frames = block[: _read_frames(f, block[: max_frames + 1 - total])]
+            while total < limit:
+                frames = block[: _read_frames(f, block[: limit - total])]
                 if not len(frames):
                     break
                 peak = float(np.max(np.abs(frames)))
