@@ -466,7 +466,14 @@ class LivevoiceClient:
         assert self._http is not None
         ws = await asyncio.wait_for(
             self._http.ws_connect(
-                self.url, max_msg_size=0, compress=0, autoping=True, heartbeat=15.0
+                self.url,
+                max_msg_size=0,
+                compress=0,
+                autoping=True,
+                heartbeat=15.0,
+                # Authenticated at the upgrade: the full frame limit applies from the first
+                # frame, and the server's cap on unauthenticated sockets never counts us.
+                headers={"Authorization": f"Bearer {self.token}"} if self.token else None,
             ),
             self.timeout,
         )

@@ -172,7 +172,11 @@ function connect() {
   hooks.status = attempt ? "reconnecting" : "connecting";
   render();
   sessionTracks = new Map();
-  const sock = new WebSocket(config.server);
+  // Browsers cannot set headers on a WebSocket: the token goes in the upgrade's query instead
+  // (the server keeps query strings out of its access log), and in hello as well.
+  const url = new URL(config.server, location.href);
+  if (config.token) url.searchParams.set("token", config.token);
+  const sock = new WebSocket(url.toString());
   sock.binaryType = "arraybuffer";
   ws = sock;
   sock.onopen = () => sock.send(lv.hello({ token: config.token, client: CLIENT_NAME }));
