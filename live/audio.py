@@ -120,7 +120,7 @@ def canonicalize(
     level normalisation are for the checks only, so a clip keeps the fingerprint it always had.
     """
     rate, channels, declared = _header(data, max_s=max_s)
-    mono = _decode_mono(data, rate, max_frames=int(max_s * rate), declared=declared)
+    mono, at_full_scale = _decode_mono(data, rate, max_frames=int(max_s * rate), declared=declared)
     duration_s = len(mono) / rate
     if duration_s < min_s or not len(mono):
         raise ClipTooShort(f"the clip is {duration_s:.2f} s; at least {min_s:g} s is needed")
@@ -129,7 +129,7 @@ def canonicalize(
     if swing < _SILENCE_PEAK:
         offset = f" (only a constant offset of {dc:+.2f})" if abs(dc) >= _SILENCE_PEAK else ""
         raise ClipSilent(f"the clip is silent{offset}")
-    clipped = float(np.count_nonzero(np.abs(mono) >= _FULL_SCALE)) / len(mono)
+    clipped = at_full_scale / len(mono)
     if clipped >= _CLIPPED_SOLID:
         raise ClipNotSpeech(f"the clip is clipped solid: {clipped:.0%} of samples at full scale")
     if rate != CANONICAL_RATE:
@@ -170,21 +170,23 @@ def _header(data: bytes, *, max_s: float) -> tuple[int, int, int | None]:
 
 def _decode_mono(
     data: bytes, rate: int, *, max_frames: int, declared: int | None
-) -> npt.NDArray[np.float32]:
-    """The clip mixed down to mono at its own rate, a block at a time, up to ``max_frames``.
+) -> tuple[npt.NDArray[np.float32], int]:
+    """The clip mixed down to mono at its own rate, a block at a time, up to ``max_frames``;
+    and how many of those mono samples are at full scale.
 
     Each channel's samples are checked as they come: non-finite ones are no audio, ones far
     outside [-1, 1] no voice. The samples are those one whole-file read gave before (the
     fingerprints in Redis were made from it): the same per-frame mean over channels, and no
     more frames than the header declares (an MP3's count is an estimate; soundfile stopped
-    there).
+    there). The mono buffer is allocated for the most frames allowed, but only the pages
+    written become resident.
     """
-    parts: list[npt.NDArray[np.float32]] = []
-    total = 0
     limit = max_frames + 1 if declared is None else min(max_frames + 1, declared)
+    mono = np.empty(limit, dtype=np.float32)
+    total = at_full_scale = 0
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            block = np.empty((max(1, int(rate * _BLOCK_S)), f.channels), dtype=np.float32)
+            block = np.empty((min(limit, max(1, int(rate * _BLOCK_S))), f.channels), np.float32)
             while total < limit:
                 frames = block[: _read_frames(f, block[: limit - total])]
                 if not len(frames):
@@ -194,10 +196,12 @@ def _decode_mono(
                     raise ClipNotAudio("the clip holds non-finite samples")
                 if peak > _MAX_ABS_SAMPLE:
                     raise ClipNotSpeech(f"the clip's samples reach {peak:.3g}, far outside [-1, 1]")
+                into = mono[total : total + len(frames)]
                 if frames.shape[1] > 1:
-                    parts.append(frames.mean(axis=1, dtype=np.float32))
+                    np.mean(frames, axis=1, dtype=np.float32, out=into)
                 else:
-                    parts.append(frames[:, 0].copy())  # the block is reused
+                    into[:] = frames[:, 0]
+                at_full_scale += int(np.count_nonzero(np.abs(into) >= _FULL_SCALE))
                 total += len(frames)
     except (ClipNotAudio, ClipNotSpeech):
         raise
@@ -205,9 +209,7 @@ def _decode_mono(
         raise ClipNotAudio("the clip could not be decoded") from None
     if total > max_frames:
         raise ClipTooLong(f"the clip is longer than {max_frames / rate:g} s")
-    if not parts:
-        return np.zeros(0, dtype=np.float32)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return mono[:total], at_full_scale
 
 
 def _read_frames(f: sf.SoundFile, out: npt.NDArray[np.float32]) -> int:
