@@ -602,6 +602,11 @@ class RedisTier:
             logger.debug("redis refused a write: %s", exc)
             return _DOWN
         except (RedisError, OSError, TimeoutError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn our cancellation into a connection error: honour it, or a
+                # background loop cancelled at shutdown would go on (and hold the shutdown).
+                raise asyncio.CancelledError from exc
             self._failed(exc, started)
             if isinstance(exc, ConnectionError | OSError):
                 # After a Redis restart the pooled connections are dead; one that failed once
