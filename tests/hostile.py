@@ -93,11 +93,6 @@ def wav_1hz() -> bytes:
     return _wav_header(channels=1, rate=1, bits=16, data_bytes=len(samples)) + samples
 
 
-def speech_16k() -> np.ndarray:
-    """The reference speech (Piper, ~5 s) at 16 kHz."""
-    return _speech(16000)
-
-
 def aiff(speech: np.ndarray) -> bytes:
     """Real speech in AIFF: audio, but not a container the spec accepts."""
     return _sf(speech, 16000, "AIFF", "PCM_16")
