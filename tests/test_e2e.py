@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import numpy as np
@@ -87,10 +87,13 @@ async def anext_frame(client: RawClient) -> AudioFrame:
 
 
 async def acancel_fenced(
-    client: RawClient, stream: int, cancel: dict[str, object]
+    client: RawClient,
+    stream: int,
+    cancel: dict[str, object],
+    then: Callable[[], None] | None = None,
 ) -> tuple[AudioEnd, int]:
-    """Send ``cancel`` and a ping right behind it; the ``audio.end`` of ``stream``, and how many
-    of its frames arrived after the pong.
+    """Send ``cancel`` and a ping right behind it (then call ``then``); the ``audio.end`` of
+    ``stream``, and how many of its frames arrived after the pong.
 
     The server reads a session's messages in order and answers the ping only after it has
     handled the cancel, on the same ordered socket as the audio: a frame behind the pong was
@@ -99,6 +102,8 @@ async def acancel_fenced(
     """
     await client.asend(cancel)
     await client.asend({"type": "ping", "id": "fence"})
+    if then is not None:
+        then()
     assert await client.await_type("pong") == Pong(id="fence")
     at_pong = len(client.seen.frames.get(stream, []))
     end = await client.await_type("audio.end")
@@ -275,11 +280,16 @@ async def test_cancel_stops_a_slow_listeners_audio_mid_sentence(
         start = await c.await_type("audio.start")
         assert isinstance(start, AudioStart)
         await anext_frame(c)
-        # Stop reading for a while: the socket buffers fill and the server's next write waits.
-        # (Staging only: were the server not blocked yet, the cancel would land between
-        # sentences, and the bound below holds all the same.)
+        # Stop reading from the socket for a while: its small buffers fill within a few frames
+        # and the server's next write waits, mid-sentence. (Staging only: were the server not
+        # blocked yet, the cancel would land between sentences and the bound holds the same.)
+        connection = c.ws._conn  # aiohttp's own reader would otherwise buffer ~128 KB more
+        assert connection is not None and connection.transport is not None
+        connection.transport.pause_reading()
         await asyncio.sleep(1.0)
-        end, late = await acancel_fenced(c, start.stream, {"type": "cancel", "id": "long"})
+        end, late = await acancel_fenced(
+            c, start.stream, {"type": "cancel", "id": "long"}, connection.transport.resume_reading
+        )
         assert end.cancelled
         assert late <= FRAMES_AFTER_CANCEL
 
