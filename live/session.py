@@ -71,9 +71,7 @@ SAMPLE_RATES = (16000, 22050, 24000, 48000)
 
 
 class Session:
-    def __init__(
-        self, ws: SessionSocket, services: Services, *, tenant: str | None = None
-    ) -> None:
+    def __init__(self, ws: SessionSocket, services: Services, *, tenant: str | None = None) -> None:
         self.ws = ws
         self.services = services
         self.id = uuid.uuid4().hex[:16]
@@ -305,7 +303,7 @@ class Session:
         except LivevoiceError as exc:
             await self._areject(exc, request.id)
             raise
-        await self._apin(record, resolved, start, request.id)
+        await self._apin(record, resolved, start, request.id, quality=clip.quality.to_wire())
         return resolved
 
     async def _ause(self, use: VoiceUse) -> ResolvedVoice:
@@ -319,7 +317,13 @@ class Session:
         return resolved
 
     async def _apin(
-        self, record: VoiceRecord, resolved: ResolvedVoice, start: float, request_id: str | None
+        self,
+        record: VoiceRecord,
+        resolved: ResolvedVoice,
+        start: float,
+        request_id: str | None,
+        *,
+        quality: dict[str, Any] | None = None,
     ) -> None:
         """Pin the voice for this session's next messages and say so."""
         store = self.services.store
@@ -336,6 +340,7 @@ class Session:
                 name=record.name,
                 duration_s=round(record.duration_s, 3),
                 id=request_id,
+                quality=quality,
             )
         )
         self.log.info(

@@ -417,3 +417,21 @@ async def test_purge_notices_reach_other_servers_but_not_their_origin(
         await origin.aclose()
         await other.aclose()
         await asyncio.gather(*listeners, return_exceptions=True)
+
+
+# --- item 12's report: a streamer learns a clip is poor -----------------------------------------
+async def test_voice_ready_reports_what_the_clip_holds(speaker_encoder: SpeakerEncoder) -> None:
+    pcm, sr = reference_clip("piper")
+    async with (
+        live_server(embedder=EncoderWorker(speaker_encoder), engine=GatedEngine(auto=True)) as s,
+        raw_client(s) as c,
+    ):
+        good = await c.aregister(wav_bytes(pcm, sr))
+        assert good.quality is not None and good.quality["warnings"] == [], good
+        assert good.quality["speech_s"] > 3.0 and -30 < good.quality["level_dbfs"] < -10
+        quiet = await c.aregister(wav_bytes(np.asarray(pcm) * 0.003, sr))
+        assert quiet.quality is not None and quiet.quality["level_dbfs"] < -40, quiet
+        assert any("quiet" in w for w in quiet.quality["warnings"]), quiet
+        await c.asend({"type": "voice.use", "voice_id": good.voice_id})
+        used = await c.anext()
+        assert isinstance(used, VoiceReady) and used.quality is None  # no clip, no report
