@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch must come first: any other torch spec pulls gigabytes of CUDA packages.
 TORCH ?= torch==2.13.0
-APT_PACKAGES := redis-server espeak-ng chromium openssl
+APT_PACKAGES := redis-server espeak-ng chromium nodejs openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve install install-test system-test-deps test lint bench clean
@@ -30,7 +30,8 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/python -m pip install -e '.[test]'
 	touch $@
 
-# Debian packages the tests use: a real redis-server, espeak-ng (a second voice), chromium.
+# Debian packages the tests use: a real redis-server, espeak-ng (a second voice), chromium (the
+# widget test), nodejs (the JS codec test). Each one missing fails its tests: none is skipped.
 system-test-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -44,7 +45,7 @@ system-test-deps:
 test: install-test system-test-deps
 	$(BIN)/ruff check live protocol clients tests
 	$(BIN)/mypy
-	$(BIN)/pytest --cov=live --cov=protocol --cov=clients --cov-report=term:skip-covered
+	$(BIN)/pytest -rs --cov=live --cov=protocol --cov=clients --cov-report=term:skip-covered
 
 lint:
 	$(BIN)/ruff check live protocol clients tests
