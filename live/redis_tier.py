@@ -470,6 +470,8 @@ class RedisTier:
         except Exception:
             self.corrupt += 1
             return Lookup.MISS, None
+        # Records written before reference sets existed join theirs when first read (idempotent).
+        await self._run(lambda: self._client.sadd(refs_key(record.fingerprint), voice_id))
         return Lookup.HIT, record
 
     async def adelete_voice(self, encoder_id: str, purge: Purge) -> bool | None:

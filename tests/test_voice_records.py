@@ -339,12 +339,14 @@ async def test_clients_dropping_mid_audio_leave_no_pins(
         services = server.services
         async with raw_client(server) as first:
             voice = await first.aregister(clip())
-        text = "La. " * 400  # 400 half-second tones: ~8.8 MB of PCM, more than socket buffers
+        # 450 half-second tones at 48 kHz: ~21 MB of PCM, far more than socket buffers hold.
+        # (Numbered: chat cleaning collapses a repeated word, as it would emote spam.)
+        text = ".".join(str(n) for n in range(450)) + "."
         for n in range(3):
             async with raw_client(server) as c:
                 await c.asend({"type": "voice.use", "voice_id": voice.voice_id})
                 assert isinstance(await c.anext(), VoiceReady)
-                await c.asend({"type": "speak", "id": f"m{n}", "text": text})
+                await c.asend({"type": "speak", "id": f"m{n}", "text": text, "sample_rate": 48000})
                 await c.await_type("audio.start")
                 server_ws = next(ws for ws in services.sockets if not ws.closed)
                 assert server_ws._writer is not None
