@@ -464,15 +464,6 @@ async def test_await_value_times_out_and_returns_none_at_once_without_a_lock(
 # --- tenants' voice records ------------------------------------------------------------------
 
 
-def _record_in(answer: object) -> VoiceRecord | None:
-    """The record in an ``aget_record`` answer: ``(lookup, record)``, or the record alone as
-    before ``voice_unavailable`` (both shapes, while that change lands)."""
-    if isinstance(answer, tuple):
-        answer = answer[1]
-    assert answer is None or isinstance(answer, VoiceRecord), answer
-    return answer
-
-
 async def test_a_voice_record_is_read_back_only_by_its_tenant(
     tier: RedisTier, raw: redis.asyncio.Redis
 ) -> None:
@@ -482,11 +473,11 @@ async def test_a_voice_record_is_read_back_only_by_its_tenant(
         record = VoiceRecord("v_0123456789abcdef01234567", FP, "alice's voice", 5.5)
         assert await tier.aput_record("alice", record)
         assert await raw.exists(f"livevoice:v1:voice:{record.voice_id}")
-        assert _record_in(await tier.aget_record("alice", record.voice_id)) == record
-        assert _record_in(await tier.aget_record("bob", record.voice_id)) is None
-        assert _record_in(await tier.aget_record("", record.voice_id)) is None
+        assert await tier.aget_record("alice", record.voice_id) == (Lookup.HIT, record)
+        assert await tier.aget_record("bob", record.voice_id) == (Lookup.MISS, None)
+        assert await tier.aget_record("", record.voice_id) == (Lookup.MISS, None)
         # Still alice's after bob asked: asking is not taking.
-        assert _record_in(await tier.aget_record("alice", record.voice_id)) == record
+        assert await tier.aget_record("alice", record.voice_id) == (Lookup.HIT, record)
 
 
 # --- passwords ------------------------------------------------------------------------------
