@@ -50,7 +50,8 @@ def clean_text(text: str) -> str:
 
     Spam is said once: a character repeated more than three times is said three times
     ("!!!!!!!!" → "!!!"; digits excepted), and a word said three or more times in a row is said
-    once ("KEKW KEKW KEKW KEKW" → "KEKW"). An empty result means there is nothing to speak.
+    once ("KEKW KEKW KEKW KEKW" → "KEKW"). Piper's raw-phoneme brackets ("[[ ... ]]") are
+    broken up, so viewers cannot inject phonemes. An empty result means nothing to speak.
     """
     text = unicodedata.normalize("NFC", text)
     text = _TAG.sub(" ", text)
@@ -64,6 +65,8 @@ def clean_text(text: str) -> str:
     text = _SPACE.sub(" ", "".join(kept))
     text = _REPEATED_CHAR.sub(r"\1\1\1", text)
     text = _REPEATED_WORD.sub(r"\1", text)
+    # Piper reads "[[ ... ]]" as raw phonemes: chat must not speak past the text it shows.
+    text = text.replace("[[", "[ [").replace("]]", "] ]")
     return text.strip()
 
 

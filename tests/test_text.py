@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from live.speech import PiperEngine
 from live.text import clean_text, segments
 
 
@@ -79,3 +80,14 @@ def test_segments_lose_no_words(text: str) -> None:
     parts = segments(cleaned, max_chars=40)
     assert all(0 < len(p) <= 40 for p in parts)
     assert "".join("".join(parts).split()) == "".join(cleaned.split())
+
+
+def test_chat_cannot_inject_raw_phonemes(piper: PiperEngine) -> None:
+    """Piper reads ``[[ ... ]]`` as phonemes; from chat it is text like any other."""
+    cleaned = clean_text("say [[ h ə l oʊ ]] now")
+    assert "[[" not in cleaned and "]]" not in cleaned
+    raw = [p for sentence in piper._voice.phonemize(cleaned) for p in sentence]
+    injected = [
+        p for sentence in piper._voice.phonemize("say [[ h ə l oʊ ]] now") for p in sentence
+    ]
+    assert raw != injected
