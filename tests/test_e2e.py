@@ -326,8 +326,12 @@ async def test_disconnect_stops_synthesis(encoder_worker: EncoderWorker) -> None
         store = srv.services.store
         async with raw_client(srv) as c:
             await register(c, clip_wav())
-            await c.asend({"type": "speak", "id": "long", "text": "x. " * 200})
-            await c.asend({"type": "speak", "id": "next", "text": "y. " * 200})
+            await c.asend(
+                {"type": "speak", "id": "long", "text": " ".join(f"x{n}." for n in range(200))}
+            )
+            await c.asend(
+                {"type": "speak", "id": "next", "text": " ".join(f"y{n}." for n in range(200))}
+            )
             await c.await_type("audio.start")
             assert store.l1.pinned
         # The socket is gone. The session unpins its voice only after its speaker has ended:

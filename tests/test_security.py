@@ -290,7 +290,9 @@ HOSTILE_TEXT = {
     "control": "bell\x07 escape\x1b[31m null\x00 done",
     "ssml": "<speak><break time='100s'/>Hi <prosody rate='x-fast'>there</prosody></speak>",
     "repeated 2000": "a" * 2000,
-    "no punctuation": "lol " * 500,
+    # Distinct words: chat cleaning says a repeated word once, as it would emote spam.
+    "no punctuation": " ".join(["lol", "gg", "nice", "wow", "hype"] * 60),
+    "emoji spam": "😀🎉🔥👍🏽🧑‍🚀" * 40,
     "only invisible": "\u200b\u200c\x00\u202e",
     "bidi override": "\u202egnirts desrever\u202c",
     "10000 repeated": "x" * 10000,
@@ -311,11 +313,12 @@ async def test_hostile_chat_text_is_spoken_or_cleanly_refused(
                     assert msg.id == name, msg
                     results[name] = msg.code
                 elif isinstance(msg, AudioEnd):
-                    assert msg.id == name and msg.samples > 0
+                    assert msg.id == name and msg.samples > 0 and not msg.truncated, msg
                     results[name] = "spoken"
                     if name == "no punctuation":  # segmenting keeps first audio fast
                         assert msg.ttfa_ms < 5000, msg
         assert results["only invisible"] == "empty_text"
+        assert results["emoji spam"] == "empty_text"  # no emoji names read out
         assert results["10000 repeated"] == "text_too_long"
         assert results["ssml"] == "spoken" and results["control"] == "spoken"
         assert set(results.values()) <= {"spoken", "empty_text", "text_too_long"}
