@@ -618,6 +618,11 @@ class RedisTier:
             return _DOWN
         self._auth_failure_logged = False
         self.breaker.record_success()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # redis-py swallowed a cancellation (seen after a SIGSTOPped Redis resumed): a
+            # background loop told to stop must stop, not poll on and hold the shutdown.
+            raise asyncio.CancelledError
         return result
 
     def _failed(self, exc: BaseException, started: float, *, explained: bool = False) -> None:
