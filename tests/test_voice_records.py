@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -17,24 +19,22 @@ from live.encoder import EncoderWorker, SpeakerEncoder
 from live.redis_tier import PURGE_CHANNEL, RedisTier, key, record_key, refs_key
 from live.settings import Limits
 from live.speech import PiperEngine
-from live.tenants import new_token
 from live.voices import Embedding, Purge, VoiceRecord
 from protocol import AudioFrame, decode_server
 from protocol.messages import AudioEnd, Error, Pong, Queued, VoiceDeleted, VoiceReady
 from tests.clips import reference_clip, wav_bytes
 from tests.fakes import GatedEngine
 from tests.redis_server import RedisServer
-from tests.server import RawClient, live_server, raw_client
+from tests.server import LiveServer, RawClient, live_server, raw_client
+from tests.test_security import ALICE, BOB, TOKENS, clip
 
 pytestmark = pytest.mark.timeout(180)
 
-ALICE, BOB = new_token("alice"), new_token("bob")
-TOKENS = f"{ALICE[1]},{BOB[1]}"
 
-
-def clip() -> bytes:
-    pcm, sr = reference_clip("piper")
-    return wav_bytes(pcm, sr)
+def a_server(encoder: SpeakerEncoder, **overrides: Any) -> AbstractAsyncContextManager[LiveServer]:
+    """A real server with the real encoder; speech from a tone engine that never waits."""
+    overrides.setdefault("engine", GatedEngine(auto=True))
+    return live_server(embedder=EncoderWorker(encoder), **overrides)
 
 
 async def hello(c: RawClient, token: str) -> None:
@@ -77,9 +77,8 @@ async def test_deleting_your_voice_leaves_another_tenants_same_audio_alone(
 ) -> None:
     gated = GatedEngine()
     async with (
-        live_server(
-            embedder=EncoderWorker(speaker_encoder),
-            engine=GatedEngine(auto=True),
+        a_server(
+            speaker_encoder,
             redis_url=redis_server.url,
             tokens=TOKENS,
         ) as s1,
@@ -136,9 +135,8 @@ async def test_deleting_your_voice_leaves_another_tenants_same_audio_alone(
 
     # Bob's own id still works on either server (a fresh one: nothing in its memory).
     async with (
-        live_server(
-            embedder=EncoderWorker(speaker_encoder),
-            engine=GatedEngine(auto=True),
+        a_server(
+            speaker_encoder,
             redis_url=redis_server.url,
             tokens=TOKENS,
         ) as s3,
@@ -168,9 +166,7 @@ async def test_without_redis_a_delete_keeps_content_other_tenants_registered(
     speaker_encoder: SpeakerEncoder,
 ) -> None:
     async with (
-        live_server(
-            embedder=EncoderWorker(speaker_encoder), engine=GatedEngine(auto=True), tokens=TOKENS
-        ) as server,
+        a_server(speaker_encoder, tokens=TOKENS) as server,
         raw_client(server, hello=False) as alice,
         raw_client(server, hello=False) as bob,
     ):
@@ -209,9 +205,8 @@ async def test_voice_ids_survive_memory_pressure_and_pinned_voices_come_back(
     policy = {"maxmemory": "4mb", "maxmemory-policy": "volatile-lru"}
     with RedisServer(extra_config=policy) as redis_server:
         async with (
-            live_server(
-                embedder=EncoderWorker(speaker_encoder),
-                engine=GatedEngine(auto=True),
+            a_server(
+                speaker_encoder,
                 redis_url=redis_server.url,
             ) as s1,
             raw_client(s1) as streamer,
@@ -250,9 +245,8 @@ async def test_voice_ids_survive_memory_pressure_and_pinned_voices_come_back(
                 await raw.aclose()
             # Another server, knowing nothing in memory, pins the streamer's voice by id.
             async with (
-                live_server(
-                    embedder=EncoderWorker(speaker_encoder),
-                    engine=GatedEngine(auto=True),
+                a_server(
+                    speaker_encoder,
                     redis_url=redis_server.url,
                 ) as s2,
                 raw_client(s2) as overlay,
@@ -266,9 +260,8 @@ async def test_records_redis_refused_are_written_when_it_returns(
     speaker_encoder: SpeakerEncoder, redis_server: RedisServer
 ) -> None:
     async with (
-        live_server(
-            embedder=EncoderWorker(speaker_encoder),
-            engine=GatedEngine(auto=True),
+        a_server(
+            speaker_encoder,
             redis_url=redis_server.url,
             redis_poll_s=0.1,
         ) as s1,
@@ -291,16 +284,14 @@ async def test_records_redis_refused_are_written_when_it_returns(
 async def test_a_hung_redis_answers_voice_unavailable_and_clients_keep_the_voice(
     speaker_encoder: SpeakerEncoder, redis_server: RedisServer
 ) -> None:
-    async with live_server(
-        embedder=EncoderWorker(speaker_encoder),
-        engine=GatedEngine(auto=True),
+    async with a_server(
+        speaker_encoder,
         redis_url=redis_server.url,
     ) as s1:
         async with raw_client(s1) as c:
             ready = await c.aregister(clip())
-        async with live_server(
-            embedder=EncoderWorker(speaker_encoder),
-            engine=GatedEngine(auto=True),
+        async with a_server(
+            speaker_encoder,
             redis_url=redis_server.url,
             redis_poll_s=0.1,
         ) as s2:
@@ -333,9 +324,7 @@ async def test_clients_dropping_mid_audio_leave_no_pins(
     """A client stops reading (the server's sends back up until the speaker waits in drain),
     then its connection resets: the speaker's send fails as the reader sees the close."""
     caplog.set_level(logging.INFO)
-    async with live_server(
-        embedder=EncoderWorker(speaker_encoder), engine=GatedEngine(auto=True)
-    ) as server:
+    async with a_server(speaker_encoder) as server:
         services = server.services
         async with raw_client(server) as first:
             voice = await first.aregister(clip())
@@ -425,7 +414,7 @@ async def test_purge_notices_reach_other_servers_but_not_their_origin(
 async def test_voice_ready_reports_what_the_clip_holds(speaker_encoder: SpeakerEncoder) -> None:
     pcm, sr = reference_clip("piper")
     async with (
-        live_server(embedder=EncoderWorker(speaker_encoder), engine=GatedEngine(auto=True)) as s,
+        a_server(speaker_encoder) as s,
         raw_client(s) as c,
     ):
         good = await c.aregister(wav_bytes(pcm, sr))
