@@ -132,7 +132,6 @@ class PiperEngine:
         config = PiperConfig.from_dict(orjson.loads(Path(config_path).read_bytes()))
         self._voice = PiperVoice(session=session, config=config)
         self.sample_rate = int(config.sample_rate)
-        self.model_name = Path(model_path).stem
         self.max_phonemes = max_phonemes
         self._session = session
         self._keep_arena = onnxruntime.RunOptions()

@@ -146,9 +146,6 @@ class TenantLimits:
         state = self._of(tenant)
         state.sessions = max(0, state.sessions - 1)
 
-    def sessions(self, tenant: str) -> int:
-        return self._of(tenant).sessions
-
     def take_registration(self, tenant: str) -> None:
         self._take(self._of(tenant).registrations, "voice registrations", None)
 
