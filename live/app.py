@@ -73,7 +73,7 @@ class Services:
         while True:
             await asyncio.sleep(settings.redis_poll_s)
             if not tier.available:
-                await tier.aprobe()
+                await tier.aping()
             if not tier.available:
                 continue
             await self.store.aflush_records()

@@ -14,7 +14,7 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Final, NewType
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -30,9 +30,9 @@ from protocol.errors import (
     Unsupported,
 )
 
+from .values import Fingerprint as Fingerprint  # its old home, still imported from here
+
 CANONICAL_RATE = 16000
-Fingerprint = NewType("Fingerprint", str)
-"""Hex BLAKE2b-256 of a clip's canonical PCM: the same audio in any container has the same one."""
 
 # The spec's formats (wav, flac, ogg, mp3) as libsndfile names them. WAVEX is a WAV with
 # WAVE_FORMAT_EXTENSIBLE (what most tools write for more than two channels or 24 bits); RF64

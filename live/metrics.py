@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .redis_tier import RedisTier
+from .breaker import CircuitBreaker
+
+
+class TierCounters(Protocol):
+    """What the metrics read of the Redis tier (``live.redis_tier.RedisTier``) at scrape time:
+    plain counters and its breaker, so this module needs nothing else of the tier."""
+
+    hits: int
+    misses: int
+    errors: int
+    corrupt: int
+    writes: int
+    skipped: int
+    breaker: CircuitBreaker
+
 
 _MS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -64,7 +77,7 @@ class Metrics:
             "livevoice_protocol_errors", "Errors sent to clients by code", ["code"], registry=r
         )
 
-    def watch_tier(self, tier: RedisTier) -> None:
+    def watch_tier(self, tier: TierCounters) -> None:
         """Export the Redis tier's own counters and breaker state at scrape time."""
         self.registry.register(_TierCollector(tier))
 
@@ -73,7 +86,7 @@ class Metrics:
 
 
 class _TierCollector(Collector):
-    def __init__(self, tier: RedisTier) -> None:
+    def __init__(self, tier: TierCounters) -> None:
         self.tier = tier
 
     def collect(self) -> Iterator[Metric]:

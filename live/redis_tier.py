@@ -31,9 +31,8 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from live.audio import Fingerprint
-from live.breaker import BreakerState, CircuitBreaker
-from live.voices import Embedding, Purge, VoiceRecord
+from .breaker import BreakerState, CircuitBreaker
+from .values import Embedding, Fingerprint, Purge, VoiceRecord
 
 __all__ = [
     "FORMAT_VERSION",
@@ -273,7 +272,8 @@ class RedisTier:
         self._unlock = self._client.register_script(_UNLOCK_LUA)
         self._delete_voice = self._client.register_script(_DELETE_VOICE_LUA)
         self.instance = uuid.uuid4().hex
-        """This process's name on the purge channel."""
+        """This tier's name on the purge channel and in its lock tokens (so it never waits on
+        a lock it left itself)."""
         self._auth_failure_logged = False
         self.hits = 0
         self.misses = 0
@@ -281,9 +281,6 @@ class RedisTier:
         self.corrupt = 0
         self.writes = 0
         self.skipped = 0  # calls not made because the breaker was open
-
-    key = staticmethod(key)
-    lock_key = staticmethod(lock_key)
 
     @property
     def available(self) -> bool:
@@ -349,11 +346,55 @@ class RedisTier:
             return None
         return [bool(x) for x in found]
 
+    async def aget_or_compute(
+        self,
+        encoder_id: str,
+        fp: Fingerprint,
+        dim: int,
+        compute: Callable[[], Awaitable[Embedding]],
+        *,
+        wait_s: float,
+    ) -> tuple[Embedding, bool]:
+        """The embedding from Redis, or from ``compute`` called at most once across the
+        servers sharing this Redis (the cross-server single-flight, all of it here).
+
+        A miss takes a short ``SET NX PX`` lock and computes, storing the value before it
+        unlocks; a server that finds the lock held waits up to ``wait_s`` for the holder's
+        value, and computes itself when the holder fails, its lock is our own leftover, or
+        Redis is unavailable. True when this call computed it. ``compute``'s errors propagate
+        (after the lock is released).
+        """
+        lookup, emb = await self.aget(encoder_id, fp, dim)
+        if emb is not None:
+            return emb, False
+        if lookup is Lookup.UNAVAILABLE:
+            return await self._acompute_and_store(fp, compute), True
+        token = f"{self.instance}:{uuid.uuid4().hex}"
+        if await self.alock(encoder_id, fp, token):
+            try:
+                return await self._acompute_and_store(fp, compute), True
+            finally:
+                await self.aunlock(encoder_id, fp, token)
+        emb = await self.await_value(
+            encoder_id, fp, dim, timeout_s=wait_s, own_prefix=self.instance
+        )
+        if emb is not None:
+            return emb, False
+        return await self._acompute_and_store(fp, compute), True
+
+    async def _acompute_and_store(
+        self, fp: Fingerprint, compute: Callable[[], Awaitable[Embedding]]
+    ) -> Embedding:
+        emb = await compute()
+        await self.aput(fp, emb)
+        return emb
+
     async def alock(self, encoder_id: str, fp: Fingerprint, token: str) -> bool:
         """Try to become the one process computing this embedding.
 
         False when another holder has it, and also when Redis is unavailable; then
         :meth:`await_value` returns None at once and the caller computes anyway.
+        :meth:`aget_or_compute` is the one caller outside the tests.
         """
         k = lock_key(encoder_id, fp)
         got = await self._run(lambda: self._client.set(k, token, nx=True, px=self.lock_ttl_ms))
@@ -557,18 +598,11 @@ class RedisTier:
         reply = await self._run(lambda: self._client.ping())
         return reply is not _DOWN and bool(reply)
 
-    async def aprobe(self) -> bool:
-        """A PING through the breaker, for a background task to call about once a second.
-
-        While the breaker is open this is what notices Redis is back even with no
-        traffic; while it is closed it notices an outage before a request does.
-        """
-        return await self.aping()
-
     async def aprobe_forever(self, interval_s: float = 1.0) -> None:
-        """Run :meth:`aprobe` every ``interval_s`` until cancelled."""
+        """PING through the breaker every ``interval_s`` until cancelled: with no traffic,
+        only this notices Redis is back while the breaker is open."""
         while True:
-            await self.aprobe()
+            await self.aping()
             await asyncio.sleep(interval_s)
 
     async def aclose(self) -> None:

@@ -7,52 +7,36 @@ call per distinct content (single-flight in process, a Redis lock across process
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from protocol.errors import EncoderBusy, EncoderFailed, VoiceNotFound, VoiceUnavailable
 
-from .audio import CanonicalClip, Fingerprint
+from .audio import CanonicalClip
 from .metrics import Metrics
+from .redis_tier import Lookup, RedisTier
+from .values import Embedding, Fingerprint, Purge, ResolvedVoice, VoiceRecord, VoiceSource
 
-if TYPE_CHECKING:
-    from .redis_tier import RedisTier
+# The value types' old home: the session and the engines still import them from here.
+__all__ = [
+    "Embedder",
+    "Embedding",
+    "EmbeddingL1",
+    "Purge",
+    "ResolvedVoice",
+    "VoiceRecord",
+    "VoiceSource",
+    "VoiceStore",
+    "voice_id_for",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Embedding:
-    vector: np.ndarray
-    """float32, shape (dim,), L2-normalised."""
-    encoder_id: str
-    duration_s: float
-    """Duration of the reference clip."""
-    created: float
-    """Unix time the encoder computed it."""
-
-
-class VoiceSource(enum.StrEnum):
-    L1 = "l1"
-    REDIS = "redis"
-    ENCODER = "encoder"
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedVoice:
-    fingerprint: Fingerprint
-    embedding: Embedding
-    source: VoiceSource
-    seconds: float
 
 
 class Embedder(Protocol):
@@ -132,31 +116,6 @@ class EmbeddingL1:
             del self._entries[fp]
 
 
-@dataclass(frozen=True, slots=True)
-class VoiceRecord:
-    """A tenant's registered voice: what ``voice.use`` needs to pin it again."""
-
-    voice_id: str
-    fingerprint: Fingerprint
-    name: str | None
-    duration_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class Purge:
-    """A deleted voice, as every server hears of it.
-
-    Only sessions of ``tenant`` pinning ``voice_id`` lose their voice. The embedding is shared
-    by content between tenants: ``gone`` says whether it was dropped too (no voice id of any
-    tenant references that content any more).
-    """
-
-    tenant: str | None
-    voice_id: str | None
-    fingerprint: Fingerprint
-    gone: bool
-
-
 def voice_id_for(tenant: str, fp: Fingerprint) -> str:
     """Tenant-scoped id: the same clip registered twice by one tenant keeps its id, and the id
     reveals nothing about the fingerprint (it is keyed by the tenant)."""
@@ -180,8 +139,6 @@ class VoiceStore:
         self.tier = tier
         self.metrics = metrics or Metrics()
         self.lock_wait_s = lock_wait_s
-        self._instance = uuid.uuid4().hex[:12]
-        """Prefix of this store's lock tokens, so it never waits on a lock it left itself."""
         self.max_encoder_jobs = max_encoder_jobs
         self._flights: dict[Fingerprint, asyncio.Task[tuple[Embedding, VoiceSource]]] = {}
         # Bounded like the L1: an id dropped here is found again in Redis when there is one.
@@ -240,32 +197,21 @@ class VoiceStore:
         return ResolvedVoice(fp, emb, source, seconds)
 
     async def _alookup(self, clip: CanonicalClip) -> tuple[Embedding, VoiceSource]:
-        fp = clip.fingerprint
         if self.tier is None:
-            return await self._aencode(clip), VoiceSource.ENCODER
-        from .redis_tier import Lookup
-
-        encoder_id, dim = self.embedder.encoder_id, self.embedder.dim
-        lookup, emb = await self.tier.aget(encoder_id, fp, dim)
-        if emb is not None:
-            self.l1.put(fp, emb)
-            return emb, VoiceSource.REDIS
-        if lookup is Lookup.UNAVAILABLE:
-            return await self._aencode(clip), VoiceSource.ENCODER
-        token = f"{self._instance}:{uuid.uuid4().hex}"
-        if await self.tier.alock(encoder_id, fp, token):
-            try:
-                return await self._aencode(clip), VoiceSource.ENCODER
-            finally:
-                await self.tier.aunlock(encoder_id, fp, token)
-        # Another server is computing this voice: wait for its result instead of computing twice.
-        emb = await self.tier.await_value(
-            encoder_id, fp, dim, timeout_s=self.lock_wait_s, own_prefix=self._instance
+            emb = await self._aencode(clip)
+            self.l1.put(clip.fingerprint, emb)
+            return emb, VoiceSource.ENCODER
+        # One walk through the tier: it asks Redis, and if nobody has the value, computes it
+        # once across the servers sharing that Redis (lock, or wait for the holder's value).
+        emb, computed = await self.tier.aget_or_compute(
+            self.embedder.encoder_id,
+            clip.fingerprint,
+            self.embedder.dim,
+            lambda: self._aencode(clip),
+            wait_s=self.lock_wait_s,
         )
-        if emb is not None:
-            self.l1.put(fp, emb)
-            return emb, VoiceSource.REDIS
-        return await self._aencode(clip), VoiceSource.ENCODER
+        self.l1.put(clip.fingerprint, emb)
+        return emb, VoiceSource.ENCODER if computed else VoiceSource.REDIS
 
     async def _aencode(self, clip: CanonicalClip) -> Embedding:
         start = time.perf_counter()
@@ -284,9 +230,6 @@ class VoiceStore:
             clip.duration_s,
             time.time(),
         )
-        self.l1.put(clip.fingerprint, emb)
-        if self.tier is not None:
-            await self.tier.aput(clip.fingerprint, emb)
         return emb
 
     # --- tenant voices ----------------------------------------------------------------------
@@ -345,8 +288,6 @@ class VoiceStore:
     async def _arecord(self, tenant: str, voice_id: str) -> VoiceRecord:
         record = self.record(tenant, voice_id)
         if record is None and self.tier is not None:
-            from .redis_tier import Lookup
-
             lookup, record = await self.tier.aget_record(tenant, voice_id)
             if lookup is Lookup.UNAVAILABLE:
                 # Unavailable is not absent: the client must keep the id and retry.
@@ -366,8 +307,6 @@ class VoiceStore:
         emb = self.l1.get(fp)
         source = VoiceSource.L1
         if emb is None and self.tier is not None:
-            from .redis_tier import Lookup
-
             lookup, emb = await self.tier.aget(self.embedder.encoder_id, fp, self.embedder.dim)
             if lookup is Lookup.UNAVAILABLE:
                 raise VoiceUnavailable("the voice store did not answer; retry shortly")
