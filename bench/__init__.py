@@ -4,8 +4,8 @@
 loopback port, a real ``redis-server``, and drives both with real WebSocket clients. Scenarios:
 ``lookup``, ``hot_voices``, ``live_sessions``, ``outage``, ``memory``. See ``docs/benchmarks.md``.
 
-The bench lives in the source checkout (it reuses ``tests.redis_server`` and ``tests.clips``) and
-needs the test extras (matplotlib among them).
+It runs the server, a redis-server and the clips from ``live.testing`` (shipped with the
+package; nothing comes from ``tests/``) and needs the test extras (matplotlib among them).
 """
 
 from __future__ import annotations

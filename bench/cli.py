@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import logging
 import shlex
@@ -60,6 +59,19 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``bench`` to the ``livevoice`` command line (entry point ``livevoice.commands``)."""
+    # No options of its own (prefix_chars): everything after `bench` goes to the bench's parser.
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark the voice cache and live sessions (livevoice bench --help)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    bench.add_argument("args", nargs="*")
+    bench.set_defaults(func=lambda args: main(args.args, prog="livevoice bench"))
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser(prog)
@@ -81,7 +93,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") ->
     out.mkdir(parents=True, exist_ok=True)
     command = f"{prog} {shlex.join(argv)}".strip()
 
-    results = _run(_arun(scenarios, sizes, max_seconds, command, started))
+    from live.cli import run
+
+    results = run(_arun(scenarios, sizes, max_seconds, command, started))
 
     from . import report
 
@@ -97,17 +111,6 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") ->
         print(f"docs:    {doc}")
     failed = [name for name, data in results["scenarios"].items() if "error" in data]
     return 1 if failed else 0
-
-
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - the server's own dependency
-        runner = asyncio.Runner()
-    with runner:
-        return runner.run(coro)
 
 
 async def _arun(

@@ -23,7 +23,7 @@ def make(out: Path) -> None:
     import soxr
 
     from live.encoder import SpeakerEncoder
-    from tests.clips import espeak_speech, reference_clip
+    from live.testing.clips import espeak_speech, reference_clip
 
     clips: dict[str, np.ndarray] = {}
     for kind in ("piper", "espeak"):

@@ -33,12 +33,12 @@ if TYPE_CHECKING:
     from live.audio import Fingerprint
     from live.encoder import SpeakerEncoder
     from live.speech import PiperEngine
+    from live.testing.redis_server import RedisServer
+    from live.testing.server import LiveServer
     from live.voices import Embedding
-    from tests.redis_server import RedisServer
-    from tests.server import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
-"""The source checkout: the bench imports ``tests`` from it and writes ``bench-results/`` there."""
+"""The source checkout: the bench writes ``bench-results/`` (and ``docs/`` with ``--docs``) here."""
 
 WS_TIMEOUT = 60.0
 """Bound on every single wait for the server; nothing in a scenario waits unbounded."""
@@ -176,7 +176,7 @@ class ClipBank:
     """
 
     def __init__(self) -> None:
-        from tests.clips import quantize, reference_clip
+        from live.testing.clips import quantize, reference_clip
 
         pcm, self.sample_rate = reference_clip("piper")
         self._base = quantize(pcm).astype(np.int32)
@@ -184,7 +184,7 @@ class ClipBank:
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019 - the bank lives for the whole run
     def clip(self, namespace: str, index: int) -> bytes:
-        from tests.clips import wav_bytes
+        from live.testing.clips import wav_bytes
 
         seed = int.from_bytes(namespace.encode()[:8].ljust(8, b"\0"), "little")
         noise = np.random.default_rng([seed, index]).integers(-1, 2, size=self._base.shape)
@@ -339,7 +339,7 @@ def machine() -> dict[str, Any]:
 
         versions["piper-tts"] = version("piper-tts")
     with contextlib.suppress(Exception):
-        from tests.redis_server import REDIS_SERVER
+        from live.testing.redis_server import REDIS_SERVER
 
         out = subprocess.run(
             [REDIS_SERVER, "--version"], capture_output=True, text=True, timeout=5
@@ -415,7 +415,7 @@ class BenchContext:
 
     def redis(self) -> RedisServer:
         """The bench's redis-server, started on first use (and again after a scenario kills it)."""
-        from tests.redis_server import RedisServer
+        from live.testing.redis_server import RedisServer
 
         if self._redis is None:
             self._redis = RedisServer()
@@ -437,7 +437,7 @@ class BenchContext:
         """The real app on a free loopback port, with the shared models injected."""
         from live.encoder import EncoderWorker
         from live.settings import Settings
-        from tests.server import live_server
+        from live.testing.server import live_server
 
         assert self.encoder is not None and self.engine is not None, "aload() first"
         overrides.setdefault("limits", bench_limits())

@@ -22,9 +22,11 @@ from .harness import SyntheticVoices, bench_limits, rss_bytes
 async def aprobe(voices: int, evicting: int) -> dict[str, Any]:
     from live.app import SERVICES, create_app
     from live.settings import Settings
-    from tests.server import free_port
+    from live.testing.server import free_port
 
-    settings = Settings(port=free_port(), limits=bench_limits())
+    # An L1 that holds every voice put here, so the figures are one entry each; full once
+    # they are in, so each further put evicts the least recently used entry.
+    settings = Settings(port=free_port(), limits=bench_limits(), l1_voices=voices)
     runner = web.AppRunner(create_app(settings), handle_signals=False)
     await runner.setup()  # loads the models, as `livevoice serve` does
     await web.TCPSite(runner, "127.0.0.1", settings.port).start()
@@ -32,7 +34,6 @@ async def aprobe(voices: int, evicting: int) -> dict[str, Any]:
         store = runner.app[SERVICES].store
         encoder_id, dim = store.embedder.encoder_id, store.embedder.dim
         l1 = store.l1
-        l1.capacity = max(l1.capacity, voices)
         synthetic = SyntheticVoices(encoder_id, dim)
         embedding, fingerprint = synthetic.embedding, synthetic.fingerprint
 
@@ -48,7 +49,6 @@ async def aprobe(voices: int, evicting: int) -> dict[str, Any]:
         gc.collect()
         after = rss_bytes()
         entries = len(l1)
-        l1.capacity = entries  # full: every further put evicts the least recently used entry
         evict_s = 0.0
         for i in range(evicting):
             emb, fp = embedding(), fingerprint(voices + i)

@@ -40,26 +40,28 @@ from .harness import (
 
 if TYPE_CHECKING:
     from live.audio import CanonicalClip
-    from live.voices import ResolvedVoice, VoiceStore
-    from tests.server import LiveServer
+    from live.metrics import Metrics
+    from live.services import StoreFactory
+    from live.testing.server import LiveServer
+    from live.voices import Embedder, ResolvedVoice, VoiceStore
 
 
-def _record_lookups(store: VoiceStore) -> list[tuple[str, float]]:
-    """Observe ``store.aresolve`` without changing it: (source, server-side seconds) per call.
+def _recording_store(seen: list[tuple[str, float]]) -> StoreFactory:
+    """A ``store_factory`` for the server: its usual store, noting (source, server-side seconds)
+    of every ``aresolve`` in ``seen``.
 
     ``ResolvedVoice.seconds`` is the store's own clock around L1 → Redis → encoder, the figure
     behind the ``livevoice_voice_lookup_seconds`` histogram, without its coarse buckets.
     """
-    seen: list[tuple[str, float]] = []
-    original = store.aresolve
+    from live.voices import VoiceStore
 
-    async def aresolve(clip: CanonicalClip) -> ResolvedVoice:
-        resolved = await original(clip)
-        seen.append((resolved.source.value, resolved.seconds))
-        return resolved
+    class RecordingStore(VoiceStore):
+        async def aresolve(self, clip: CanonicalClip) -> ResolvedVoice:
+            resolved = await super().aresolve(clip)
+            seen.append((resolved.source.value, resolved.seconds))
+            return resolved
 
-    store.aresolve = aresolve  # type: ignore[method-assign]
-    return seen
+    return RecordingStore
 
 
 def _histogram(server: LiveServer, name: str) -> dict[str, tuple[float, float]]:
@@ -87,8 +89,6 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 # === 1. lookup ================================================================================
 async def arun_lookup(ctx: BenchContext, sizes: LookupSizes, deadline: float) -> dict[str, Any]:
-    from live.settings import Settings
-
     bank = ctx.bank
     clips = bank.clips("lookup", sizes.n)
     warm = bank.clips("lookup-warm", sizes.warmup)
@@ -103,17 +103,17 @@ async def arun_lookup(ctx: BenchContext, sizes: LookupSizes, deadline: float) ->
     truncated = False
     # L1 capacity 0: an unpinned entry is dropped as soon as it is stored, and a session pins
     # only its latest voice, so registering clip i+1 releases clip i from the L1 for good.
+    lookups: list[tuple[str, float]] = []
+    recording = _recording_store(lookups)
     async with (
-        ctx.aserver(redis_url=ctx.redis().url, l1_voices=0) as server,
+        ctx.aserver(redis_url=ctx.redis().url, l1_voices=0, store_factory=recording) as server,
         aiohttp.ClientSession() as http,
     ):
-        store = server.services.store
-        lookups = _record_lookups(store)
         async with WsSession.aopen(http, server.ws_url) as session:
             for clip in warm + warm:  # encoder, then Redis: first calls pay one-off costs
                 await session.aregister(clip)
 
-        async def timed_pass(tier: str) -> None:
+        async def timed_pass(server: LiveServer, tier: str) -> None:
             nonlocal truncated
             before = _histogram(server, "livevoice_voice_lookup_seconds").get(tier, (0.0, 0.0))
             async with WsSession.aopen(http, server.ws_url) as session:
@@ -136,17 +136,18 @@ async def arun_lookup(ctx: BenchContext, sizes: LookupSizes, deadline: float) ->
                 round((after[0] - before[0]) / count * 1000, 4) if count else None
             )
 
-        await timed_pass("encoder")  # every clip is new: L1 miss, Redis miss, encoder
-        await timed_pass("redis")  # L1 holds nothing unpinned: every clip comes from Redis
-        # L1 on (the default capacity): one untimed pass fills it from Redis, the next hits it.
-        store.l1.capacity = Settings().l1_voices
-        async with WsSession.aopen(http, server.ws_url) as session:
-            for clip in clips:
-                if time.perf_counter() > deadline:
-                    break
-                await session.aregister(clip)
-                progress.advance()
-        await timed_pass("l1")
+        await timed_pass(server, "encoder")  # every clip is new: L1 miss, Redis miss, encoder
+        await timed_pass(server, "redis")  # L1 holds nothing unpinned: every clip from Redis
+        # L1 on: a second server with the default capacity, on the same Redis; one untimed pass
+        # fills its L1 from Redis, the next hits it.
+        async with ctx.aserver(redis_url=ctx.redis().url, store_factory=recording) as warm_l1:
+            async with WsSession.aopen(http, warm_l1.ws_url) as session:
+                for clip in clips:
+                    if time.perf_counter() > deadline:
+                        break
+                    await session.aregister(clip)
+                    progress.advance()
+            await timed_pass(warm_l1, "l1")
     progress.close()
 
     detail: dict[str, Any] = {}
@@ -255,8 +256,9 @@ async def _adrive(
         await asyncio.gather(*(client(http, n) for n in range(clients)))
 
 
-def _uncached(store: VoiceStore) -> VoiceStore:
-    """The same store with its cache taken out: no L1, no Redis, no single-flight.
+def _uncached_store(embedder: Embedder, *, metrics: Metrics, **_: Any) -> VoiceStore:
+    """The store the app would build, with its cache taken out: no L1, no Redis, no
+    single-flight. Given to the server as its ``store_factory``.
 
     The bench's baseline, not a server mode. A server with ``l1_voices=0`` and no Redis is not
     cache-free: voices pinned by live sessions stay in the L1, and concurrent registrations of
@@ -270,7 +272,7 @@ def _uncached(store: VoiceStore) -> VoiceStore:
             embedding = await self._aencode(clip)
             return self._resolved(clip.fingerprint, embedding, VoiceSource.ENCODER, start)
 
-    return UncachedStore(store.embedder, l1_capacity=0, metrics=store.metrics)
+    return UncachedStore(embedder, l1_capacity=0, metrics=metrics)
 
 
 # === 2. hot voices ============================================================================
@@ -288,15 +290,12 @@ async def arun_hot_voices(
             overrides: dict[str, Any] = {"redis_url": ctx.redis().url}
             run_deadline = time.perf_counter() + budget / 2
         else:
-            overrides = {"l1_voices": 0}
+            overrides = {"l1_voices": 0, "store_factory": _uncached_store}
             run_deadline = deadline
         progress = Progress(f"hot_voices ({mode.replace('_', ' ')})", len(sequence))
         work = Workload()
         async with ctx.aserver(**overrides) as server:
-            services = server.services
-            if mode == "cache_off":
-                services.store = _uncached(services.store)
-            store = services.store
+            store = server.services.store
             position = 0
 
             def take(run_deadline: float = run_deadline) -> tuple[int, bytes] | None:

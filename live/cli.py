@@ -1,4 +1,9 @@
-"""``livevoice`` command line: ``serve`` (and the clients' commands, added by the clients)."""
+"""``livevoice`` command line: ``serve`` and ``token`` here; other packages add theirs.
+
+``live`` imports nothing above it. The client commands (``say``, ``chat``), the bench and the
+browser widget's pages reach the command line and the served app as entry points of the
+installed distribution (``pyproject.toml``): ``livevoice.commands`` and ``livevoice.routes``.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,32 @@ import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from .app import create_app
+from .app import RouteSet, create_app
 from .connections import alisten
 from .settings import Settings
 from .tenants import TenantDirectory, describe, new_token
 
 log = logging.getLogger("live")
+
+T = TypeVar("T")
+
+COMMANDS = "livevoice.commands"
+"""Entry points called with the ``livevoice`` subparsers, each adding its commands."""
+ROUTES = "livevoice.routes"
+"""Entry points called with the served app, each adding its routes (the browser widget)."""
+DESCRIPTION = "Streaming WebSocket text-to-speech for live streamers."
+
+
+def plugins(group: str) -> list[Any]:
+    """The objects the installed distributions name in entry point ``group``, by name."""
+    return [ep.load() for ep in sorted(entry_points(group=group), key=lambda ep: ep.name)]
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,28 +74,6 @@ def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     token.set_defaults(func=_token)
 
 
-def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # No options of its own (prefix_chars): everything after `bench` goes to the bench's parser.
-    bench = sub.add_parser(
-        "bench",
-        help="benchmark the voice cache and live sessions (source checkout; `bench --help`)",
-        add_help=False,
-        prefix_chars="\0",
-    )
-    bench.add_argument("args", nargs="*")
-    bench.set_defaults(func=_bench)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    try:
-        import bench
-    except ImportError:  # the bench and the tests it reuses live in the checkout, not the wheel
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import bench
-    result: int = bench.main(args.args, prog="livevoice bench")
-    return result
-
-
 def _token(args: argparse.Namespace) -> int:
     token, entry = new_token(args.tenant)
     print(f"token (give it to the client; it is not stored): {token}")
@@ -102,7 +100,8 @@ def guard_open_server(settings: Settings) -> Settings:
 
 async def aserve(settings: Settings) -> None:
     settings = guard_open_server(settings)
-    app = create_app(settings)
+    routes: list[RouteSet] = plugins(ROUTES)
+    app = create_app(settings, routes=routes)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     listener = await alisten(
@@ -128,28 +127,24 @@ async def aserve(settings: Settings) -> None:
         await runner.cleanup()
 
 
-def _run(coro_factory: object) -> None:
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on uvloop, the loop ``serve`` and the bench measure with."""
     try:
         import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+    except ImportError:  # pragma: no cover - no uvloop on Windows (see pyproject's markers)
         runner = asyncio.Runner()
+    else:
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     with runner:
-        runner.run(coro_factory)  # type: ignore[arg-type]
+        return runner.run(coro)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="livevoice", description=__doc__)
+    parser = argparse.ArgumentParser(prog="livevoice", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _token_parser(sub)
-    _bench_parser(sub)
-    try:
-        from clients.cli import add_commands
-    except ImportError:  # the clients' commands land separately
-        pass
-    else:
+    for add_commands in plugins(COMMANDS):
         add_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -169,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = dataclasses.replace(settings, data_dir=str(DEFAULT_DATA_DIR))
         elif settings.data_dir.lower() == "none":
             settings = dataclasses.replace(settings, data_dir=None)
-        _run(aserve(settings))
+        run(aserve(settings))
         return 0
     result: int = args.func(args)
     return result

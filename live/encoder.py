@@ -378,6 +378,12 @@ class EncoderWorker:
     def dim(self) -> int:
         return self.encoder.dim
 
+    @property
+    def alive(self) -> bool:
+        """Taking requests: not closed, and its batching task (once started) still running.
+        ``/readyz`` asks this."""
+        return not self._closed and (self._task is None or not self._task.done())
+
     def start(self) -> None:
         """Start the batching task on the running loop (idempotent)."""
         if self._closed:

@@ -4,92 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from live.app import SERVICES, Services, create_app
-from live.connections import alisten
-from live.settings import Settings
-from live.speech import SpeechEngine
-from live.voices import Embedder
+from clients.web import add_widget_routes
+from live.testing import server as testing
+from live.testing.server import TIMEOUT, LiveServer, free_port
 from protocol import AudioFrame, decode_server, encode
 from protocol.messages import Error, Message, VoiceReady
 
-TIMEOUT = 30.0
+__all__ = [
+    "TIMEOUT",
+    "LiveServer",
+    "RawClient",
+    "Received",
+    "free_port",
+    "live_server",
+    "raw_client",
+]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class LiveServer:
-    settings: Settings
-    engine: SpeechEngine | None = None
-    embedder: Embedder | None = None
-    runner: web.AppRunner | None = None
-    listener: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        return self.settings.port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def services(self) -> Services:
-        assert self.runner is not None
-        return self.runner.app[SERVICES]
-
-    async def astart(self) -> None:
-        app = create_app(self.settings, engine=self.engine, embedder=self.embedder)
-        self.runner = web.AppRunner(app, handle_signals=False)
-        await self.runner.setup()
-        self.listener = await alisten(
-            self.runner, "127.0.0.1", self.port, max_connections=self.settings.max_connections
-        )
-
-    async def astop(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-
-@contextlib.asynccontextmanager
-async def live_server(
-    settings: Settings | None = None,
-    *,
-    engine: SpeechEngine | None = None,
-    embedder: Embedder | None = None,
-    **overrides: Any,
-) -> AsyncIterator[LiveServer]:
-    if settings is None:
-        overrides.setdefault("port", free_port())
-        settings = Settings(**overrides)
-    server = LiveServer(settings, engine, embedder)
-    await asyncio.wait_for(server.astart(), TIMEOUT)
-    try:
-        yield server
-    finally:
-        await asyncio.wait_for(server.astop(), TIMEOUT)
+def live_server(*args: Any, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[LiveServer]:
+    """``live.testing.server.live_server`` with the browser widget mounted, as ``livevoice
+    serve`` mounts it."""
+    kwargs.setdefault("routes", (add_widget_routes,))
+    return testing.live_server(*args, **kwargs)
 
 
 @dataclass

@@ -173,7 +173,7 @@ async def test_voices_survive_a_restart(speaker_encoder: SpeakerEncoder, tmp_pat
         embedder=EncoderWorker(speaker_encoder), engine=GatedEngine(), data_dir=data_dir
     ) as first:
         assert first.services.tier is not None
-        embedded = first.services.owned[0]
+        embedded = first.services.embedded_redis
         assert isinstance(embedded, EmbeddedRedis) and embedded.pid is not None
         pid = embedded.pid
         async with raw_client(first) as c:

@@ -1,0 +1,247 @@
+"""App-wide services: built once per app, frozen, and closed by one ``AsyncExitStack``.
+
+Like svcs' ``Registry``: each part that is built registers its own close as it is built, so a
+failure halfway through building closes what was already built; on shutdown the closes run in
+reverse, and one that fails is logged and skipped, never stopping the others. A part is
+replaced by passing another to :func:`aservices` (the bench's cache-free store, the tests'
+fake engine), never by patching a running app. Each part also says how to ask it whether it
+is ready (:class:`ReadinessCheck`), which ``/readyz`` does on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol, runtime_checkable
+
+from aiohttp import WSCloseCode, web
+
+from .connections import Lobby
+from .embedded import EmbeddedRedis
+from .metrics import Metrics
+from .redis_tier import RedisTier
+from .settings import Limits, Settings
+from .speech import PiperEngine, SpeechEngine
+from .tenants import TenantDirectory, TenantLimits
+from .voices import Embedder, VoiceStore
+
+__all__ = [
+    "Alive",
+    "ReadinessCheck",
+    "Services",
+    "StoreFactory",
+    "aservices",
+    "close_logged",
+]
+
+log = logging.getLogger(__name__)
+
+StoreFactory = Callable[..., VoiceStore]
+"""Builds the voice store from ``VoiceStore``'s own arguments (``VoiceStore`` itself, or a
+subclass such as the bench's cache-free baseline)."""
+
+
+@runtime_checkable
+class Alive(Protocol):
+    """A part with a worker of its own that can stop (``live.encoder.EncoderWorker``)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessCheck:
+    """How ``/readyz`` asks one service whether it can serve."""
+
+    name: str
+    aprobe: Callable[[], Awaitable[bool]]
+    required: bool = True
+    """False for a part the server works without (Redis is a cache, never a dependency): its
+    failure is reported, but the server stays ready."""
+
+
+@dataclass(frozen=True, eq=False)
+class Services:
+    """Everything a session needs, built once per app by :func:`aservices`."""
+
+    settings: Settings
+    metrics: Metrics
+    store: VoiceStore
+    engine: SpeechEngine
+    tier: RedisTier | None = None
+    embedded_redis: EmbeddedRedis | None = None
+    """The private Redis this app started (no ``redis_url``, a ``data_dir``), if it did."""
+    tenants: TenantDirectory = field(default_factory=lambda: TenantDirectory({}))
+    tenant_limits: TenantLimits = field(default_factory=lambda: TenantLimits(Limits()))
+    lobby: Lobby = field(default_factory=lambda: Lobby(Settings().max_unauthenticated))
+    """WebSockets that have not authenticated yet."""
+    sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    """Open session sockets, closed on shutdown before aiohttp waits for their handlers."""
+    checks: tuple[ReadinessCheck, ...] = ()
+
+    async def aclose_sockets(self) -> None:
+        """Close every session's socket (on shutdown, before aiohttp waits for handlers)."""
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+    async def aready(self) -> dict[str, bool]:
+        """Ask every part at once; per check, whether it answered that it is ready. A check
+        that raises or takes over a second counts as not ready."""
+
+        async def ask(check: ReadinessCheck) -> bool:
+            try:
+                async with asyncio.timeout(1.0):
+                    return await check.aprobe()
+            except Exception:
+                log.warning("readiness check %s failed", check.name, exc_info=True)
+                return False
+
+        answers = await asyncio.gather(*(ask(check) for check in self.checks))
+        return {check.name: answer for check, answer in zip(self.checks, answers, strict=True)}
+
+
+async def close_logged(name: str, aclose: Callable[[], Awaitable[object]]) -> None:
+    """Close one part; a failure is logged and swallowed so the stack closes the rest."""
+    try:
+        await aclose()
+    except Exception:
+        log.exception("closing %s failed; closing the other services anyway", name)
+
+
+@contextlib.asynccontextmanager
+async def aservices(
+    settings: Settings,
+    *,
+    engine: SpeechEngine | None = None,
+    embedder: Embedder | None = None,
+    store_factory: StoreFactory = VoiceStore,
+) -> AsyncIterator[Services]:
+    """Load the models (off the event loop), connect the tiers the settings ask for, run the
+    tier's background loops; close all of it, in reverse, on exit.
+
+    Injected ``engine`` and ``embedder`` belong to the caller, who closes them.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        # Pushed first so it runs last: after the tier's pool is closed, which ends a pub/sub
+        # reader that absorbed its cancellation.
+        background: list[asyncio.Task[None]] = []
+        stack.push_async_callback(close_logged, "background tasks", partial(_astopped, background))
+
+        checks: list[ReadinessCheck] = []
+        if embedder is None:
+            from .encoder import EncoderWorker, SpeakerEncoder
+
+            encoder = await asyncio.to_thread(SpeakerEncoder.load, device=settings.device)
+            embedder = EncoderWorker(encoder, max_batch=settings.encoder_max_batch)
+            stack.push_async_callback(close_logged, "speaker encoder", embedder.aclose)
+            log.info("speaker encoder %s on %s", encoder.encoder_id, encoder.device)
+        if isinstance(embedder, Alive):
+            checks.append(ReadinessCheck("encoder", _alive(embedder)))
+        if engine is None:
+            engine = await asyncio.to_thread(
+                PiperEngine, workers=settings.tts_workers, use_cuda=settings.device == "cuda"
+            )
+            stack.push_async_callback(close_logged, "speech engine", engine.aclose)
+            log.info("speech engine %s at %d Hz", engine.name, engine.sample_rate)
+        if isinstance(engine, Alive):
+            checks.append(ReadinessCheck("engine", _alive(engine)))
+
+        embedded = None
+        redis_url = settings.redis_url
+        if redis_url is None and settings.data_dir:
+            candidate = EmbeddedRedis(settings.data_dir)
+            redis_url = await candidate.astart()
+            if redis_url is not None:
+                embedded = candidate
+                stack.push_async_callback(close_logged, "embedded redis", embedded.aclose)
+        tier = None
+        if redis_url:
+            tier = RedisTier(redis_url, ttl_s=settings.embedding_ttl_s)
+            stack.push_async_callback(close_logged, "redis tier", tier.aclose)
+            checks.append(ReadinessCheck("redis", tier.aping, required=False))
+            log.info("redis tier at %s", tier.display_url)
+
+        metrics = Metrics()
+        store = store_factory(
+            embedder,
+            l1_capacity=settings.l1_voices,
+            tier=tier,
+            metrics=metrics,
+            max_encoder_jobs=settings.limits.max_encoder_jobs,
+        )
+        services = Services(
+            settings,
+            metrics,
+            store,
+            engine,
+            tier,
+            embedded,
+            tenants=TenantDirectory.from_config(settings.tokens, settings.tokens_file),
+            tenant_limits=TenantLimits(settings.limits),
+            lobby=Lobby(settings.max_unauthenticated),
+            checks=tuple(checks),
+        )
+        stack.push_async_callback(close_logged, "session sockets", services.aclose_sockets)
+        if tier is not None:
+            metrics.watch_tier(tier)
+            background.append(asyncio.create_task(amaintain_tier(services, tier)))
+            background.append(asyncio.create_task(tier.alisten_purges(store.purged)))
+            stack.push_async_callback(
+                close_logged, "background tasks", lambda: _acancel(background)
+            )
+        yield services
+
+
+async def amaintain_tier(services: Services, tier: RedisTier) -> None:
+    """Probe a tripped breaker, keep pinned voices from expiring, poll Redis memory."""
+    settings, store = services.settings, services.store
+    loop = asyncio.get_running_loop()
+    last_refresh = loop.time()
+    policy = await tier.aeviction_policy()
+    if policy is not None and policy.startswith("allkeys"):
+        log.warning(
+            "redis maxmemory-policy is %s: it may evict voice ids, which are records; "
+            "use volatile-lru (only embeddings carry a TTL)",
+            policy,
+        )
+    while True:
+        await asyncio.sleep(settings.redis_poll_s)
+        if not tier.available:
+            await tier.aping()
+        if not tier.available:
+            continue
+        await store.aflush_records()
+        used = await tier.aused_memory()
+        if used is not None:
+            services.metrics.redis_used_memory.set(used)
+        now = loop.time()
+        if now - last_refresh >= settings.pin_refresh_s:
+            last_refresh = now
+            await store.arefresh_pinned()
+
+
+def _alive(part: Alive) -> Callable[[], Awaitable[bool]]:
+    async def aprobe() -> bool:
+        return part.alive
+
+    return aprobe
+
+
+async def _acancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    # redis-py's pub/sub reader can absorb a cancellation; closing the tier's pool (next on
+    # the stack) ends it for sure, so wait only briefly here.
+    if tasks:
+        await asyncio.wait(tasks, timeout=1.0)
+
+
+async def _astopped(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5.0)
