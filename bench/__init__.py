@@ -10,15 +10,6 @@ package; nothing comes from ``tests/``) and needs the test extras (matplotlib am
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .cli import SCENARIOS, main
 
 __all__ = ["SCENARIOS", "main"]
-
-SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory")
-
-
-def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") -> int:
-    """Run the bench from command-line arguments; the heavy imports wait until here."""
-    from .cli import main as _main
-
-    return _main(argv, prog=prog)

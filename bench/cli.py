@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import SCENARIOS
 from .harness import ROOT
+
+SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") -> int:
+    """Run the bench from command-line arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser(prog)
     args = parser.parse_args(argv)
