@@ -101,6 +101,12 @@ def guard_open_server(settings: Settings) -> Settings:
 async def aserve(settings: Settings) -> None:
     settings = guard_open_server(settings)
     routes: list[RouteSet] = plugins(ROUTES)
+    if not routes:
+        log.warning(
+            "no %s entry points: /widget is not served (the installed metadata predates them; "
+            "reinstall: make install)",
+            ROUTES,
+        )
     app = create_app(settings, routes=routes)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()

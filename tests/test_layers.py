@@ -173,3 +173,15 @@ def test_the_check_sees_type_checking_and_lazy_imports() -> None:
     seen = {(imp.target, imp.line) for imp in imports(ROOT / "live" / "probe.py", source)}
     assert {("live.app", 3), ("bench", 5)} <= seen
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+
+
+def test_the_layers_above_live_plug_in_through_entry_points() -> None:
+    """``livevoice`` gets the client commands, the bench and the widget's pages from the
+    installed metadata, so ``live`` needs no import of them (pyproject's entry points)."""
+    import bench.cli
+    import clients.cli
+    import clients.web
+    from live.cli import COMMANDS, ROUTES, plugins
+
+    assert plugins(COMMANDS) == [bench.cli.add_command, clients.cli.add_commands]
+    assert plugins(ROUTES) == [clients.web.add_widget_routes]
