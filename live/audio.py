@@ -263,9 +263,3 @@ def _assess(
     if abs(dc) >= _WARN_DC:
         warnings.append(f"DC offset ({dc:+.2f})")
     return ClipQuality(speech_s, level_dbfs, clipped, tuple(warnings))
-
-
-def to_s16le(pcm: np.ndarray) -> bytes:
-    """Float samples in [-1, 1] as signed 16-bit little-endian bytes."""
-    clipped = np.clip(pcm, -1.0, 1.0)
-    return bytes(np.round(clipped * 32767.0).astype("<i2").tobytes())

@@ -162,6 +162,20 @@ class SessionSocket(web.WebSocketResponse):
             await asyncio.sleep(0.05)
         transport.close()
 
+    async def areceive(self, timeout: float) -> str | bytes | LivevoiceError | None:
+        """The next frame for a session (``live.session.Transport``): a text frame as ``str``, a
+        binary one as ``bytes``, the typed error of a frame that ends the connection, or None
+        once the connection has ended. ``TimeoutError`` when nothing came in ``timeout``."""
+        msg = await self.receive(timeout=timeout)
+        if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+            data: str | bytes = msg.data
+            return data
+        if msg.type is WSMsgType.ERROR:
+            if isinstance(msg.data, LivevoiceError):
+                return msg.data
+            log.info("socket error: %s", self.exception())
+        return None
+
     def admit(self) -> None:
         """The client is authenticated: frames up to the full limit from now on."""
         if self._frames is not None:

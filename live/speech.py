@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import soxr
 
 from .text import segments
 from .voices import Embedding
@@ -211,19 +210,3 @@ def _trim_heap() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
-
-
-class Resampler:
-    """Streaming resampler: chunk borders leave no clicks (soxr keeps its filter state)."""
-
-    def __init__(self, in_rate: int, out_rate: int) -> None:
-        self.passthrough = in_rate == out_rate
-        self._stream = (
-            None if self.passthrough else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
-        )
-
-    def feed(self, chunk: np.ndarray, *, last: bool = False) -> np.ndarray:
-        if self._stream is None:
-            return chunk
-        out: np.ndarray = self._stream.resample_chunk(chunk, last=last)
-        return out

@@ -1,32 +1,97 @@
-"""The server side of a session as a state machine: frames in, messages or typed errors out.
+"""The server side of a session, sans-I/O: every session rule, in one place.
 
-No I/O: the server feeds each received frame to ``receive_text`` / ``receive_binary`` and acts on
-what comes back. Every rejection is a ``LivevoiceError``; none changes the state except where the
-docstrings say so, so a session survives any sequence of bad frames.
+Frames in (``receive_text`` / ``receive_binary``), the client's requests out as messages (or a
+typed ``LivevoiceError``); what the server learns meanwhile (a voice landed or failed, audio
+synthesized, a voice purged) comes in through the methods below, and every frame the session
+must send comes out of ``data_to_send()`` in the order it must be sent. The I/O layer only moves
+frames and does the slow work (decoding clips, the voice store, synthesis); it decides nothing
+this module decides.
+
+The rules, numbered so code and tests can name them:
+
+- **R1 hello.** In ``AWAIT_HELLO`` only ``hello`` is accepted (``hello_required``, keeping a
+  speak's id); a protocol version other than ours is ``unsupported``. A second ``hello`` is
+  ``unexpected_message``.
+- **R2 clip.** ``voice.register`` moves to ``AWAIT_CLIP``: the next frame must be the clip as one
+  binary frame. A text frame there drops the registration (``clip_expected``, with its id) and is
+  not read. A binary frame anywhere else is ``unexpected_binary``. An unknown clip format is
+  ``unsupported``; an empty clip ``clip_empty``; one over ``max_clip_bytes`` ``clip_too_large``.
+- **R3 voice requests.** A clip that arrived, or a ``voice.use``, starts a voice request; speaks
+  accepted after it are spoken in its voice. Requests are answered as they complete, each with its
+  ``id``: ``voice.ready`` (the voice is pinned) or an ``error``.
+- **R4 fallback.** When a request fails, the speaks accepted under it are spoken in the voice
+  requested before it, and so on back; only when none is left do they end ``voice_failed``, and
+  the session has no voice.
+- **R5 no voice.** ``speak`` needs a voice pinned or on its way (``no_voice``).
+- **R6 purge.** A purge of the voice id pinned here drops the voice (R5 holds until another is
+  requested), cancels every waiting speak and stops the current one, then says ``voice.deleted``
+  with ``pinned: true`` — as the answer to this session's own ``voice.delete`` if one is in
+  flight, else as a notice.
+- **R7 admission.** A speak's checks, in order: blank text, ``max_text_chars``, sample rate, R5,
+  nothing speakable after cleaning (``empty_text``), id already waiting or speaking
+  (``duplicate_id``), ``max_queue`` waiting (``queue_full``). Admitted, it is answered
+  ``queued`` with the number of messages ahead of it.
+- **R8 order.** Speaks are spoken one at a time in the order admitted. Each started one gets the
+  next stream number (from 1); its audio frames are numbered 0, 1, 2… within the stream.
+- **R9 cancel.** ``cancel`` with an id drops that message, without one every message: a waiting
+  one ends ``cancelled``; the current one stops, sends no more audio, and ends with ``audio.end``
+  ``cancelled: true`` (or ``cancelled`` if its audio had not started).
+- **R10 ends once.** Every admitted speak ends exactly once: ``audio.end``, ``cancelled``, or an
+  ``error`` carrying its id. Nothing is sent for it after that.
+- **R11 errors.** No rejection changes the state except where R2, R4 and R6 say so; an error
+  with a close code (``LivevoiceError.close_code``) is the last frame: the session closes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from .codec import decode_client
+from .codec import AudioFrame, decode_client, encode
 from .errors import (
     ClipEmpty,
     ClipExpected,
     ClipTooLarge,
+    DuplicateId,
     EmptyText,
     HelloRequired,
+    LivevoiceError,
     NoVoice,
+    QueueFull,
     TextTooLong,
     UnexpectedBinary,
     UnexpectedMessage,
     Unsupported,
     UnsupportedSampleRate,
+    VoiceFailed,
 )
-from .messages import PROTOCOL_VERSION, Hello, Message, Speak, VoiceRegister, VoiceUse
+from .messages import (
+    PROTOCOL_VERSION,
+    AudioEnd,
+    AudioStart,
+    Cancel,
+    Cancelled,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Queued,
+    Ready,
+    Speak,
+    VoiceDelete,
+    VoiceDeleted,
+    VoiceReady,
+    VoiceRegister,
+    VoiceUse,
+)
 
 CLIP_FORMATS = ("wav", "flac", "ogg", "mp3")
+SAMPLE_RATES = (16000, 22050, 24000, 48000)
+"""Output rates a ``speak`` may ask for (``ready.formats.sample_rates``)."""
 
 
 class SessionState(enum.Enum):
@@ -34,47 +99,152 @@ class SessionState(enum.Enum):
     OPEN = "open"
     AWAIT_CLIP = "await_clip"
     """After ``voice.register``: the next frame must be the binary clip."""
+    CLOSED = "closed"
+    """An error with a close code was sent (R11): nothing more is read or sent."""
+
+
+@dataclass(slots=True, eq=False, weakref_slot=True)
+class VoiceRequest:
+    """A ``voice.register`` whose clip arrived, or a ``voice.use`` (R3)."""
+
+    id: str | None
+    """The client's request id, echoed in the answer."""
+    fallback: VoiceRequest | None
+    """The request before it: its speaks' voice if this one fails (R4)."""
+    voice_id: str | None = None
+    """Set when the voice is pinned."""
+    failed: bool = False
+
+    @property
+    def pending(self) -> bool:
+        return self.voice_id is None and not self.failed
 
 
 @dataclass(frozen=True, slots=True)
 class ClipUpload:
-    """A ``voice.register`` together with the clip bytes that followed it."""
+    """A ``voice.register`` together with the clip bytes that followed it (R2)."""
 
     register: VoiceRegister
     data: bytes
+    request: VoiceRequest | None = field(default=None, compare=False)
+    """The voice request the clip started (R3)."""
+
+
+@dataclass(slots=True, eq=False)
+class SpeakJob:
+    """An admitted ``speak``, from ``queued`` to its one ending (R10)."""
+
+    id: str
+    text: str
+    """Cleaned: what the engine speaks."""
+    sample_rate: int | None
+    voice: VoiceRequest
+    """The voice request that was newest when the message was admitted (R3)."""
+    stream: int | None = None
+    frames: int = 0
+    samples: int = 0
+    cancelled: bool = False
+    ended: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class PendingDelete:
+    """A ``voice.delete`` in flight; ``hit`` once it purged this session's pinned voice (R6)."""
+
+    message: VoiceDelete
+    hit: bool = False
 
 
 class ServerProtocol:
-    """Validates the order and content of a client's frames for one session."""
+    """The rules of one session (see the module docstring), with no I/O."""
 
     def __init__(
         self,
         *,
         max_clip_bytes: int = 10 * 1024 * 1024,
         max_text_chars: int = 2000,
-        sample_rates: tuple[int, ...] = (16000, 22050, 24000, 48000),
+        max_queue: int = 32,
+        sample_rates: tuple[int, ...] = SAMPLE_RATES,
+        clean_text: Callable[[str], str] = str.strip,
     ) -> None:
         self.max_clip_bytes = max_clip_bytes
         self.max_text_chars = max_text_chars
+        self.max_queue = max_queue
         self.sample_rates = sample_rates
+        self.clean_text = clean_text
+        """Chat text as it will be spoken (R7): empty when nothing in it is speakable."""
         self.state = SessionState.AWAIT_HELLO
-        self.has_voice = False
-        """True once a voice is pinned or on its way (a registration or ``voice.use`` accepted)."""
-        self._pending_register: VoiceRegister | None = None
+        self.close_code: int | None = None
+        """Set with the error that ends the session (R11)."""
+        self.close_reason = ""
+        self._register: VoiceRegister | None = None
+        self._voice: VoiceRequest | None = None
+        """The request new speaks are bound to; None: no voice (R5)."""
+        self.pinned_voice_id: str | None = None
+        """The voice id pinned last: purges are matched by it, never by content (R6)."""
+        self._deletes: list[PendingDelete] = []
+        self._waiting: deque[SpeakJob] = deque()
+        self.current: SpeakJob | None = None
+        self._streams = 0
+        self._out: list[str | bytes] = []
+        self._ended: list[tuple[SpeakJob, str]] = []
+        self._errors: list[str] = []
 
+    # --- output -------------------------------------------------------------------------------
+    def data_to_send(self) -> list[str | bytes]:
+        """Frames to send, in order, since the last call: text frames as ``str``, audio as
+        ``bytes``."""
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
+    def speaks_ended(self) -> list[tuple[SpeakJob, str]]:
+        """Speaks that ended since the last call, each with ``spoken``, ``cancelled`` or
+        ``failed`` (for the server's metrics)."""
+        ended, self._ended = self._ended, []
+        return ended
+
+    def errors_sent(self) -> list[str]:
+        """Codes of the errors sent since the last call (for the server's metrics)."""
+        codes, self._errors = self._errors, []
+        return codes
+
+    def _send(self, message: Message) -> None:
+        if self.state is not SessionState.CLOSED:
+            self._out.append(encode(message))
+            if isinstance(message, Error):
+                self._errors.append(message.code)
+
+    def reject(self, exc: LivevoiceError) -> None:
+        """Send ``exc`` as an ``error`` with the id it was built with; an error with a close code
+        closes the session (R11)."""
+        self._send(Error(code=exc.code, message=exc.message, id=exc.message_id))
+        if exc.close_code is not None and self.state is not SessionState.CLOSED:
+            self.close_code = exc.close_code
+            self.close_reason = exc.code
+            self.state = SessionState.CLOSED
+
+    def _reject_for(self, message_id: str | None, exc: LivevoiceError) -> None:
+        """``exc`` as the answer to the request ``message_id``, whatever id it was raised with."""
+        self._send(Error(code=exc.code, message=exc.message, id=message_id))
+
+    # --- frames in ----------------------------------------------------------------------------
     def receive_text(self, frame: str | bytes) -> Message:
-        """Decode and check one control frame."""
-        if self.state is SessionState.AWAIT_CLIP:
-            # The clip never came: drop the registration rather than guess what the client meant.
-            register = self._pending_register
+        """Decode and check one control frame (R1, R2, R5, R7, R9); ping and cancel are
+        answered here."""
+        if self.state is SessionState.AWAIT_CLIP:  # R2
+            register = self._register
             self.state = SessionState.OPEN
-            self._pending_register = None
+            self._register = None
             raise ClipExpected(
                 "voice.register must be followed by the clip as one binary frame",
                 message_id=register.id if register is not None else None,
             )
         message = decode_client(frame)
-        if self.state is SessionState.AWAIT_HELLO:
+        if self.state is SessionState.AWAIT_HELLO:  # R1
             if not isinstance(message, Hello):
                 raise HelloRequired(
                     f"the first message must be hello, not {message.TYPE}",
@@ -92,14 +262,117 @@ class ServerProtocol:
                     f"clip format must be one of {', '.join(CLIP_FORMATS)}", message_id=message.id
                 )
             self.state = SessionState.AWAIT_CLIP
-            self._pending_register = message
+            self._register = message
         elif isinstance(message, VoiceUse):
-            self.has_voice = True
+            self._start_voice(message.id)
+        elif isinstance(message, VoiceDelete):
+            self._deletes.append(PendingDelete(message))
         elif isinstance(message, Speak):
-            self._check_speak(message)
+            return self._check_speak(message)
+        elif isinstance(message, Cancel):
+            self.cancel(message.id)
+        elif isinstance(message, Ping):
+            self._send(Pong(id=message.id))
         return message
 
-    def _check_speak(self, speak: Speak) -> None:
+    def receive_binary(self, frame: bytes) -> ClipUpload:
+        """Check a binary frame: only a clip right after ``voice.register`` (R2). The clip
+        starts a voice request (R3)."""
+        if self.state is SessionState.AWAIT_HELLO:
+            raise HelloRequired("the first message must be hello")
+        if self.state is not SessionState.AWAIT_CLIP or self._register is None:
+            raise UnexpectedBinary("a binary frame is only expected right after voice.register")
+        register = self._register
+        self.state = SessionState.OPEN
+        self._register = None
+        if not frame:
+            raise ClipEmpty("the clip is empty", message_id=register.id)
+        if len(frame) > self.max_clip_bytes:
+            raise ClipTooLarge(
+                f"the clip is {len(frame)} bytes; the limit is {self.max_clip_bytes}",
+                message_id=register.id,
+            )
+        return ClipUpload(register, bytes(frame), self._start_voice(register.id))
+
+    # --- hello --------------------------------------------------------------------------------
+    def accept_hello(self, ready: Ready) -> None:
+        self._send(ready)
+
+    # --- voices (R3, R4, R6) ------------------------------------------------------------------
+    def _start_voice(self, request_id: str | None) -> VoiceRequest:
+        request = VoiceRequest(request_id, self._voice)
+        self._voice = request
+        return request
+
+    def voice_pinned(self, request: VoiceRequest, ready: VoiceReady) -> None:
+        """The request's voice is pinned: answer ``voice.ready`` with the request's id."""
+        request.voice_id = ready.voice_id
+        request.fallback = None  # R4 asks for it only if this request fails
+        self.pinned_voice_id = ready.voice_id
+        self._send(dataclasses.replace(ready, id=request.id))
+
+    def voice_failed(self, request: VoiceRequest, exc: LivevoiceError) -> None:
+        """The request failed: answer its error; new speaks fall back (R4)."""
+        request.failed = True
+        self._reject_for(request.id, exc)
+        if self._voice is request:
+            self._voice = self._usable(request.fallback)
+
+    @staticmethod
+    def _usable(request: VoiceRequest | None) -> VoiceRequest | None:
+        while request is not None and request.failed:
+            request = request.fallback
+        return request
+
+    def voice_of(self, job: SpeakJob) -> VoiceRequest:
+        """The request whose voice ``job`` is spoken in now (R4): pinned, or still pending (wait
+        for it, then ask again). ``VoiceFailed`` when none is left."""
+        request = self._usable(job.voice)
+        if request is None:
+            raise VoiceFailed("this message's voice could not be registered", message_id=job.id)
+        return request
+
+    def purge(self, voice_id: str) -> bool:
+        """A voice id of this session's tenant was deleted (here or on another server). True if
+        it was the one pinned here (R6)."""
+        if voice_id != self.pinned_voice_id:
+            return False
+        self.pinned_voice_id = None
+        # The history is gone: a pending request stays the voice of later speaks, with nothing
+        # to fall back to; with none pending the session has no voice.
+        pending = self._voice if self._voice is not None and self._voice.pending else None
+        if pending is not None:
+            pending.fallback = None
+        self._voice = pending
+        self.cancel(None)
+        own = next((d for d in self._deletes if d.message.voice_id == voice_id), None)
+        if own is not None:
+            own.hit = True  # answered by voice_deleted, after the delete completes
+        else:
+            self._send(VoiceDeleted(pinned=True))
+        return True
+
+    def voice_deleted(self, delete: VoiceDelete) -> None:
+        """This session's ``voice.delete`` completed: answer it."""
+        own = self._take_delete(delete)
+        self._send(VoiceDeleted(voice_id=delete.voice_id, pinned=own.hit, id=delete.id))
+
+    def delete_failed(self, delete: VoiceDelete, exc: LivevoiceError) -> None:
+        self._take_delete(delete)
+        self._reject_for(delete.id, exc)
+
+    def _take_delete(self, delete: VoiceDelete) -> PendingDelete:
+        own = next(d for d in self._deletes if d.message is delete)
+        self._deletes.remove(own)
+        return own
+
+    @property
+    def newest_voice_request(self) -> VoiceRequest | None:
+        """The request new speaks are bound to: after ``voice.use``, the one it started."""
+        return self._voice
+
+    # --- speaks (R7, R9, R10) -----------------------------------------------------------------
+    def _check_speak(self, speak: Speak) -> Speak:
         if not speak.text.strip():
             raise EmptyText("text is empty", message_id=speak.id)
         if len(speak.text) > self.max_text_chars:
@@ -112,28 +385,114 @@ class ServerProtocol:
                 f"sample_rate must be one of {', '.join(map(str, self.sample_rates))}",
                 message_id=speak.id,
             )
-        if not self.has_voice:
+        if self._voice is None:
             raise NoVoice("register or use a voice before speaking", message_id=speak.id)
-
-    def receive_binary(self, frame: bytes) -> ClipUpload:
-        """Check a binary frame: only a clip right after ``voice.register`` is expected."""
-        if self.state is SessionState.AWAIT_HELLO:
-            raise HelloRequired("the first message must be hello")
-        if self.state is not SessionState.AWAIT_CLIP or self._pending_register is None:
-            raise UnexpectedBinary("a binary frame is only expected right after voice.register")
-        register = self._pending_register
-        self.state = SessionState.OPEN
-        self._pending_register = None
-        if not frame:
-            raise ClipEmpty("the clip is empty", message_id=register.id)
-        if len(frame) > self.max_clip_bytes:
-            raise ClipTooLarge(
-                f"the clip is {len(frame)} bytes; the limit is {self.max_clip_bytes}",
-                message_id=register.id,
+        text = self.clean_text(speak.text)
+        if not text:
+            raise EmptyText("nothing speakable in this text", message_id=speak.id)
+        if (self.current is not None and self.current.id == speak.id) or any(
+            j.id == speak.id for j in self._waiting
+        ):
+            raise DuplicateId(
+                f"message id {speak.id[:64]!r} is already queued", message_id=speak.id
             )
-        self.has_voice = True
-        return ClipUpload(register, bytes(frame))
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFull(
+                f"{len(self._waiting)} messages are already waiting; the limit is {self.max_queue}",
+                message_id=speak.id,
+            )
+        return speak if text == speak.text else dataclasses.replace(speak, text=text)
 
-    def voice_lost(self) -> None:
-        """The server could not pin the voice and no earlier one is pinned."""
-        self.has_voice = False
+    def accept_speak(self, speak: Speak) -> SpeakJob:
+        """Admit a speak ``receive_text`` returned (the server's own checks, such as a rate
+        limit, passed): answer ``queued`` (R7)."""
+        assert self._voice is not None, "receive_text checked the voice"
+        job = SpeakJob(speak.id, speak.text, speak.sample_rate, self._voice)
+        self._send(Queued(id=job.id, position=self.ahead_of_next()))
+        self._waiting.append(job)
+        return job
+
+    def ahead_of_next(self) -> int:
+        """How many messages a newly admitted one would wait behind."""
+        return len(self._waiting) + (1 if self.current is not None else 0)
+
+    @property
+    def busy(self) -> bool:
+        """A message is being spoken or waits: the client is listening, not idling."""
+        return self.current is not None or bool(self._waiting)
+
+    def cancel(self, message_id: str | None) -> list[SpeakJob]:
+        """Drop waiting messages (``cancelled`` each) and stop the current one (R9); the
+        dropped ones are returned."""
+        current = self.current
+        if current is not None and message_id in (None, current.id):
+            current.cancelled = True
+        dropped = [j for j in self._waiting if message_id in (None, j.id)]
+        for job in dropped:
+            self._waiting.remove(job)
+            job.cancelled = True
+            self._end(job, Cancelled(id=job.id), "cancelled")
+        return dropped
+
+    def next_speak(self) -> SpeakJob | None:
+        """The next message to speak, now current (R8); None while nothing waits or one is
+        still being spoken."""
+        if self.current is not None or not self._waiting:
+            return None
+        self.current = self._waiting.popleft()
+        return self.current
+
+    def start_audio(self, job: SpeakJob, sample_rate: int) -> bool:
+        """Announce the job's audio on the next stream (R8). False if it was cancelled before
+        (it ends ``cancelled``, R9)."""
+        if job.ended:
+            return False
+        if job.cancelled:
+            self._end(job, Cancelled(id=job.id), "cancelled")
+            return False
+        self._streams += 1
+        job.stream = self._streams
+        job.sample_rate = sample_rate
+        self._send(AudioStart(id=job.id, stream=job.stream, sample_rate=sample_rate))
+        return True
+
+    def audio(self, job: SpeakJob, pcm: bytes) -> bool:
+        """One frame of s16le PCM. False (and nothing sent) once the job is cancelled (R9)."""
+        if job.cancelled or job.ended or job.stream is None:
+            return False
+        self._send_audio(AudioFrame(job.stream, job.frames, pcm))
+        job.frames += 1
+        job.samples += len(pcm) // 2
+        return True
+
+    def _send_audio(self, frame: AudioFrame) -> None:
+        if self.state is not SessionState.CLOSED:
+            self._out.append(frame.encode())
+
+    def end_audio(self, job: SpeakJob, *, ttfa_ms: float, truncated: bool = False) -> None:
+        """The job's audio is complete (or stopped by cancel): ``audio.end`` (R10)."""
+        if job.ended or job.stream is None or job.sample_rate is None:
+            return
+        end = AudioEnd(
+            id=job.id,
+            stream=job.stream,
+            frames=job.frames,
+            samples=job.samples,
+            duration_ms=round(job.samples * 1000 / job.sample_rate, 3),
+            ttfa_ms=ttfa_ms,
+            cancelled=job.cancelled,
+            truncated=truncated,
+        )
+        self._end(job, end, "cancelled" if job.cancelled else "spoken")
+
+    def fail_speak(self, job: SpeakJob, exc: LivevoiceError) -> None:
+        """The job failed (its voice, or synthesis): its ``error`` is its end (R10)."""
+        if not job.ended:
+            self._end(job, Error(code=exc.code, message=exc.message, id=job.id), "failed")
+
+    def _end(self, job: SpeakJob, message: Message, outcome: str) -> None:
+        job.ended = True
+        if self.current is job:
+            self.current = None
+        self._send(message)
+        self._ended.append((job, outcome))

@@ -1,0 +1,141 @@
+"""The speaking loop: a session's admitted messages, one at a time, in order, into audio frames.
+
+For each message the protocol hands out (``ServerProtocol.next_speak``): wait for its voice, stream
+the engine's chunks through PCM framing into the protocol, and stop at the next chunk border once
+the message is cancelled. What is sent, and when a message ends, is the protocol's; the speaker
+supplies the audio and the timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+
+import numpy as np
+
+from protocol.errors import LivevoiceError, SynthesisFailed
+from protocol.state import ServerProtocol, SpeakJob
+
+from .pcm import PcmFramer
+from .pinned import PinnedVoice
+from .speech import SpeechEngine
+
+
+class Speaker:
+    def __init__(
+        self,
+        protocol: ServerProtocol,
+        voice: PinnedVoice,
+        engine: SpeechEngine,
+        *,
+        flush: Callable[[], Awaitable[None]],
+        frame_ms: int,
+        max_message_audio_s: float,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        on_ttfa: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        self._protocol = protocol
+        self._voice = voice
+        self._engine = engine
+        self._flush = flush
+        """Sends what the protocol has to send; awaited after each frame (back-pressure)."""
+        self.frame_ms = frame_ms
+        self.max_message_audio_s = max_message_audio_s
+        self._log = log
+        self._on_ttfa = on_ttfa
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def wake(self) -> None:
+        """Something changed: a message was admitted, or the current one cancelled."""
+        self._wake.set()
+        current = self._protocol.current
+        if current is not None and current.cancelled:
+            self._stop.set()
+
+    async def arun(self) -> None:
+        while True:
+            job = self._protocol.next_speak()
+            if job is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._stop.clear()
+            try:
+                await self._aspeak(job)
+            except LivevoiceError as exc:
+                self._protocol.fail_speak(job, exc)
+            except Exception:
+                self._log.exception("synthesis failed for message %s", job.id[:64])
+                self._protocol.fail_speak(job, SynthesisFailed("synthesis failed"))
+            await self._flush()
+
+    async def _aspeak(self, job: SpeakJob) -> None:
+        voice = await self._voice.avoice_of(self._protocol, job)
+        engine = self._engine
+        rate = job.sample_rate or engine.sample_rate
+        if not self._protocol.start_audio(job, rate):
+            return  # cancelled while it waited for its voice
+        await self._flush()
+        framer = PcmFramer(engine.sample_rate, rate, self.frame_ms)
+        # Engine samples this message may produce: a cap on what one message can cost.
+        budget = int(self.max_message_audio_s * engine.sample_rate)
+        truncated = False
+        started = time.perf_counter()
+        ttfa: float | None = None
+
+        async def send(frame: bytes) -> bool:
+            nonlocal ttfa
+            if not self._protocol.audio(job, frame):
+                return False
+            await self._flush()
+            if ttfa is None:
+                ttfa = time.perf_counter() - started
+            return True
+
+        chunks = engine.stream(job.text, voice.embedding)
+        try:
+            while (chunk := await self._anext_chunk(chunks, job)) is not None:
+                if len(chunk) > budget:
+                    chunk, truncated = chunk[:budget], True
+                budget -= len(chunk)
+                for frame in framer.feed(chunk):
+                    if not await send(frame):
+                        break
+                if truncated:
+                    self._log.info("message %s reached the audio cap", job.id[:64])
+                    break
+        finally:
+            await chunks.aclose()
+        if not job.cancelled and (tail := framer.flush()):
+            await send(tail)
+        if ttfa is not None:
+            self._on_ttfa(ttfa)
+        self._protocol.end_audio(job, ttfa_ms=round((ttfa or 0.0) * 1000, 3), truncated=truncated)
+
+    async def _anext_chunk(
+        self, chunks: AsyncGenerator[np.ndarray, None], job: SpeakJob
+    ) -> np.ndarray | None:
+        """The engine's next chunk, or None at its end or as soon as the job is cancelled."""
+        if job.cancelled:
+            return None
+        nxt = asyncio.ensure_future(anext(chunks))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not nxt.done():
+                # Interrupts the engine where it waits. Work already handed to a model thread
+                # finishes there and is dropped; the engine closes itself after it.
+                nxt.cancel()
+                await asyncio.wait({nxt})  # the generator must be idle before aclose()
+        if nxt.cancelled():
+            return None
+        try:
+            chunk = nxt.result()  # retrieved even when cancelled: no "never retrieved" warning
+        except StopAsyncIteration:
+            return None
+        return None if job.cancelled else chunk
