@@ -41,6 +41,7 @@ from .harness import (
 if TYPE_CHECKING:
     from live.audio import CanonicalClip
     from live.metrics import Metrics
+    from live.redis_tier import RedisTier
     from live.services import StoreFactory
     from live.testing.server import LiveServer
     from live.voices import Embedder, ResolvedVoice, VoiceStore
@@ -713,23 +714,28 @@ async def arun_outage(ctx: BenchContext, sizes: OutageSizes, deadline: float) ->
     progress = Progress("outage (seconds)", int(sizes.seconds))
     # l1_voices=0: only voices pinned by live sessions stay in process, so Redis serves the rest
     # and its outage is visible rather than hidden behind a warm L1.
-    async with ctx.aserver(redis_url=redis.url, l1_voices=0) as server:
+    # Every breaker transition, timed exactly (the sampler below sees only 10 a second): the
+    # server's tier is built with a breaker that notes them.
+    changes: list[tuple[float, str]] = []
+
+    def noting_tier(url: str, **kwargs: Any) -> RedisTier:
+        from live.breaker import CircuitBreaker
+        from live.redis_tier import RedisTier
+
+        def on_change(old: Any, new: Any) -> None:
+            changes.append((time.perf_counter(), new.value))
+
+        return RedisTier(url, breaker=CircuitBreaker(name="redis", on_change=on_change), **kwargs)
+
+    async with ctx.aserver(redis_url=redis.url, l1_voices=0, tier_factory=noting_tier) as server:
         store = server.services.store
         tier = server.services.tier
         assert tier is not None
         position = 0
         work.started = start = time.perf_counter()
         end = start + sizes.seconds
-        # Every breaker transition, timed exactly (the sampler below sees only 10 a second).
-        transitions: list[tuple[float, str]] = [(0.0, tier.breaker.state.value)]
-        chained = tier.breaker.on_change
-
-        def on_change(old: Any, new: Any) -> None:
-            transitions.append((time.perf_counter() - start, new.value))
-            if chained is not None:
-                chained(old, new)
-
-        tier.breaker.on_change = on_change
+        initial = tier.breaker.state.value
+        changes.clear()
         hard_end = min(end + sizes.recovery_wait_s, deadline)
 
         checked = 0
@@ -795,8 +801,8 @@ async def arun_outage(ctx: BenchContext, sizes: OutageSizes, deadline: float) ->
             if not redis.running:
                 await asyncio.to_thread(redis.start)
         calls_end = store.encoder_calls
-        tier.breaker.on_change = chained
     progress.close()
+    transitions = [(0.0, initial)] + [(t - start, state) for t, state in changes]
 
     kill = events["kill"] - start
     restart = events["restart"] - start

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from aiohttp import web
 
 from .connections import SessionSocket, handler_args, upgrade_tenant
-from .services import Services as Services  # sessions and tests still import it from here
-from .services import StoreFactory, aservices
+from .redis_tier import RedisTier
+from .services import Services, StoreFactory, TierFactory, aservices
 from .session import Session
 from .settings import Settings
 from .speech import SpeechEngine
@@ -27,12 +27,13 @@ def create_app(
     engine: SpeechEngine | None = None,
     embedder: Embedder | None = None,
     store_factory: StoreFactory = VoiceStore,
+    tier_factory: TierFactory = RedisTier,
     routes: Iterable[RouteSet] = (),
 ) -> web.Application:
     """The server's app: sessions at ``/ws``, probes, metrics, and whatever ``routes`` add.
 
-    ``engine``, ``embedder`` and ``store_factory`` replace the parts the settings would build
-    (see ``live.services.aservices``).
+    ``engine``, ``embedder``, ``store_factory`` and ``tier_factory`` replace the parts the
+    settings would build (see ``live.services.aservices``).
     """
     # Through handler_args so that every runner of this app (serve, the tests, the bench) gets
     # the header timeout and an access log that never shows a ?token=.
@@ -40,7 +41,11 @@ def create_app(
 
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         async with aservices(
-            settings, engine=engine, embedder=embedder, store_factory=store_factory
+            settings,
+            engine=engine,
+            embedder=embedder,
+            store_factory=store_factory,
+            tier_factory=tier_factory,
         ) as services:
             app[SERVICES] = services
             yield

@@ -35,6 +35,7 @@ __all__ = [
     "ReadinessCheck",
     "Services",
     "StoreFactory",
+    "TierFactory",
     "aservices",
     "close_logged",
 ]
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 StoreFactory = Callable[..., VoiceStore]
 """Builds the voice store from ``VoiceStore``'s own arguments (``VoiceStore`` itself, or a
 subclass such as the bench's cache-free baseline)."""
+TierFactory = Callable[..., RedisTier]
+"""Builds the Redis tier from ``RedisTier``'s own arguments (the bench gives it a breaker whose
+transitions it times)."""
 
 
 @runtime_checkable
@@ -120,6 +124,7 @@ async def aservices(
     engine: SpeechEngine | None = None,
     embedder: Embedder | None = None,
     store_factory: StoreFactory = VoiceStore,
+    tier_factory: TierFactory = RedisTier,
 ) -> AsyncIterator[Services]:
     """Load the models (off the event loop), connect the tiers the settings ask for, run the
     tier's background loops; close all of it, in reverse, on exit.
@@ -161,7 +166,7 @@ async def aservices(
                 stack.push_async_callback(close_logged, "embedded redis", embedded.aclose)
         tier = None
         if redis_url:
-            tier = RedisTier(redis_url, ttl_s=settings.embedding_ttl_s)
+            tier = tier_factory(redis_url, ttl_s=settings.embedding_ttl_s)
             stack.push_async_callback(close_logged, "redis tier", tier.aclose)
             checks.append(ReadinessCheck("redis", tier.aping, required=False))
             log.info("redis tier at %s", tier.display_url)

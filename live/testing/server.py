@@ -14,7 +14,8 @@ from aiohttp import web
 
 from live.app import SERVICES, RouteSet, create_app
 from live.connections import alisten
-from live.services import Services, StoreFactory
+from live.redis_tier import RedisTier
+from live.services import Services, StoreFactory, TierFactory
 from live.settings import Settings
 from live.speech import SpeechEngine
 from live.voices import Embedder, VoiceStore
@@ -33,13 +34,15 @@ def free_port() -> int:
 
 @dataclass
 class LiveServer:
-    """``create_app`` listening on loopback; ``engine``, ``embedder`` and ``store_factory``
-    replace the parts the settings would build, ``routes`` add pages (the browser widget)."""
+    """``create_app`` listening on loopback; ``engine``, ``embedder``, ``store_factory`` and
+    ``tier_factory`` replace the parts the settings would build, ``routes`` add pages (the
+    browser widget)."""
 
     settings: Settings
     engine: SpeechEngine | None = None
     embedder: Embedder | None = None
     store_factory: StoreFactory = VoiceStore
+    tier_factory: TierFactory = RedisTier
     routes: Iterable[RouteSet] = ()
     runner: web.AppRunner | None = None
     listener: asyncio.Server | None = None
@@ -67,6 +70,7 @@ class LiveServer:
             engine=self.engine,
             embedder=self.embedder,
             store_factory=self.store_factory,
+            tier_factory=self.tier_factory,
             routes=self.routes,
         )
         self.runner = web.AppRunner(app, handle_signals=False)
@@ -91,6 +95,7 @@ async def live_server(
     engine: SpeechEngine | None = None,
     embedder: Embedder | None = None,
     store_factory: StoreFactory = VoiceStore,
+    tier_factory: TierFactory = RedisTier,
     routes: Iterable[RouteSet] = (),
     **overrides: Any,
 ) -> AsyncIterator[LiveServer]:
@@ -99,7 +104,7 @@ async def live_server(
     if settings is None:
         overrides.setdefault("port", free_port())
         settings = Settings(**overrides)
-    server = LiveServer(settings, engine, embedder, store_factory, tuple(routes))
+    server = LiveServer(settings, engine, embedder, store_factory, tier_factory, tuple(routes))
     await asyncio.wait_for(server.astart(), TIMEOUT)
     try:
         yield server
