@@ -43,13 +43,13 @@ system-test-deps:
 	fi
 
 test: install-test system-test-deps
-	$(BIN)/ruff check live protocol clients tests
+	$(BIN)/ruff check live protocol clients tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest -rs --cov=live --cov=protocol --cov=clients --cov-report=term:skip-covered
 
 lint:
-	$(BIN)/ruff check live protocol clients tests
-	$(BIN)/ruff format --check live protocol clients tests
+	$(BIN)/ruff check live protocol clients tests bench
+	$(BIN)/ruff format --check live protocol clients tests bench
 	$(BIN)/mypy
 
 clean:
