@@ -1,10 +1,10 @@
 """An async client for the livevoice protocol, on aiohttp's WebSocket and ``protocol/`` alone.
 
-One reader task per socket dispatches what the server sends: ``queued``, ``audio.*``,
-``cancelled`` and errors carrying an id go to the :class:`Utterance` with that id; audio frames go
-to the utterance whose ``audio.start`` announced their stream; ``voice.ready`` and errors without
-an id answer the oldest pending ``voice.register`` / ``voice.use`` (the protocol gives those no id,
-so one voice request is in flight at a time); ``pong`` answers the ping with its id.
+One reader task per socket feeds what the server sends to a :class:`protocol.ClientProtocol`,
+which says what each frame means (a speak queued, started, given audio, ended or failed; a voice
+request answered or failed; a pong) and checks the server's promises (frames numbered without a
+gap, ``audio.end`` counting what arrived). Voice requests carry ids, so several can be in flight:
+each is answered as it completes.
 
 **Reconnect.** When the socket drops, everything in flight on it fails with
 :class:`ConnectionLost` — nothing is re-sent, because a message may already have been partly
@@ -27,32 +27,42 @@ import logging
 import random
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
 
-from protocol import PROTOCOL_VERSION, AudioFrame, LivevoiceError, decode_server, encode
+from protocol import PROTOCOL_VERSION, ClientProtocol, LivevoiceError
+from protocol.client import (
+    Event,
+    HelloRefused,
+    PongReceived,
+    SessionReady,
+    SpeechAudio,
+    SpeechEnded,
+    SpeechFailed,
+    SpeechQueued,
+    SpeechStarted,
+    Unmatched,
+    VoiceAnswered,
+    VoiceLost,
+    VoiceRequestFailed,
+    error_from_wire,
+)
 from protocol.errors import (
-    BadAudioFrame,
     ClipTooLarge,
-    DuplicateId,
     Unauthorized,
     Unsupported,
     VoiceNotFound,
     VoiceUnavailable,
-    all_codes,
 )
 from protocol.messages import (
     AudioEnd,
     AudioStart,
     Cancel,
-    Cancelled,
-    Error,
     Hello,
     Message,
     Ping,
-    Pong,
     Queued,
     Ready,
     Speak,
@@ -80,16 +90,6 @@ class ConnectionLost(ConnectionError):
 
 class ClientClosed(ConnectionError):
     """The client was closed, or gave up reconnecting."""
-
-
-def error_from_wire(message: Error) -> LivevoiceError:
-    """The typed exception for an ``error`` message, looked up by its code."""
-    cls = all_codes().get(message.code, LivevoiceError)
-    exc = cls(message.message, message_id=message.id)
-    if cls is LivevoiceError:
-        # A code this client does not know (a newer server): keep it rather than say internal_error.
-        exc.code = message.code  # type: ignore[misc]
-    return exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +136,6 @@ class Utterance:
         self.end: AudioEnd | None = None
         self._chunks: list[bytes] = []
         self._grew = asyncio.Event()
-        self._next_seq = 0
         self._queued_fut: asyncio.Future[Queued] = asyncio.get_running_loop().create_future()
         self._done: asyncio.Future[SpeechResult] = asyncio.get_running_loop().create_future()
 
@@ -164,64 +163,47 @@ class Utterance:
         """Waits for ``audio.end`` (or ``cancelled``) and returns it with all the PCM."""
         return await asyncio.shield(self._done)
 
-    # --- fed by the client's reader -----------------------------------------------------------
+    # --- fed by the client's reader ---------------------------------------------------------
     def _signal(self) -> None:
         grew, self._grew = self._grew, asyncio.Event()
         grew.set()
 
-    def _on_queued(self, message: Queued) -> None:
-        self.queued = message
-        if not self._queued_fut.done():
-            self._queued_fut.set_result(message)
+    def _on_event(self, event: Event) -> None:
+        """One event of this speak from the client's ``ClientProtocol``."""
+        if isinstance(event, SpeechQueued):
+            assert isinstance(event.message, Queued)
+            self.queued = event.message
+            if not self._queued_fut.done():
+                self._queued_fut.set_result(event.message)
+        elif isinstance(event, SpeechStarted):
+            assert isinstance(event.message, AudioStart)
+            self.start = event.message
+        elif isinstance(event, SpeechAudio):
+            if not self._done.done():
+                self._chunks.append(event.pcm)
+                self._signal()
+        elif isinstance(event, SpeechEnded):
+            self.end = event.end
+            self._finish(event)
+        elif isinstance(event, SpeechFailed):
+            self._fail(event.error)
 
-    def _on_start(self, message: AudioStart) -> None:
-        self.start = message
-
-    def _on_frame(self, frame: AudioFrame) -> None:
-        if self._done.done():
-            return
-        if frame.seq != self._next_seq:
-            self._fail(
-                BadAudioFrame(
-                    f"stream {frame.stream}: expected frame {self._next_seq}, got {frame.seq}",
-                    message_id=self.id,
-                )
-            )
-            return
-        self._next_seq += 1
-        self._chunks.append(frame.pcm)
-        self._signal()
-
-    def _on_end(self, message: AudioEnd) -> None:
-        self.end = message
-        got = sum(len(c) for c in self._chunks) // 2
-        if message.frames != len(self._chunks) or message.samples != got:
-            self._fail(
-                BadAudioFrame(
-                    f"audio.end announces {message.frames} frames / {message.samples} samples, "
-                    f"received {len(self._chunks)} / {got}",
-                    message_id=self.id,
-                )
-            )
-            return
-        self._finish(
-            SpeechResult(
+    def _finish(self, ended: SpeechEnded) -> None:
+        end = ended.end
+        if end is None:  # dropped before any audio
+            result = SpeechResult(self.id, None, None, 0, 0, 0.0, 0.0, True, b"")
+        else:
+            result = SpeechResult(
                 id=self.id,
-                stream=message.stream,
-                sample_rate=self.start.sample_rate if self.start else None,
-                frames=message.frames,
-                samples=message.samples,
-                duration_ms=message.duration_ms,
-                ttfa_ms=message.ttfa_ms,
-                cancelled=message.cancelled,
+                stream=end.stream,
+                sample_rate=ended.sample_rate,
+                frames=end.frames,
+                samples=end.samples,
+                duration_ms=end.duration_ms,
+                ttfa_ms=end.ttfa_ms,
+                cancelled=end.cancelled,
                 pcm=b"".join(self._chunks),
             )
-        )
-
-    def _on_cancelled(self) -> None:
-        self._finish(SpeechResult(self.id, None, None, 0, 0, 0.0, 0.0, True, b""))
-
-    def _finish(self, result: SpeechResult) -> None:
         if not self._done.done():
             self._done.set_result(result)
         self._signal()
@@ -234,31 +216,6 @@ class Utterance:
             self._done.set_exception(exc)
             self._done.exception()  # nobody may ever ask for it
         self._signal()
-
-
-@dataclass(eq=False)
-class _VoiceRequest:
-    """The one voice request in flight: ``voice.register`` / ``voice.use`` (answered by
-    ``voice.ready``) or ``voice.delete`` (answered by ``voice.deleted``), or an error without id."""
-
-    message: VoiceRegister | VoiceUse | VoiceDelete
-    done: asyncio.Future[Message] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-    def answer(self, message: Message) -> bool:
-        wanted = VoiceDeleted if isinstance(self.message, VoiceDelete) else VoiceReady
-        if not isinstance(message, wanted) or self.done.done():
-            return False
-        if isinstance(message, VoiceDeleted) and message.voice_id is None:
-            return False  # a notice that a pinned voice was purged, not the answer
-        self.done.set_result(message)
-        return True
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-            self.done.exception()  # retrieved: the caller may have stopped waiting
 
 
 class LivevoiceClient:
@@ -310,13 +267,11 @@ class LivevoiceClient:
         self._closing = False
         self._send_lock = asyncio.Lock()
         self._ready_fut: asyncio.Future[Ready] | None = None
-        # The protocol gives voice requests no id and the server answers them from background
-        # tasks (a registration can finish after a later voice.use), so one is in flight at once.
-        self._voice_lock = asyncio.Lock()
-        self._voice_request: _VoiceRequest | None = None
+        self._wire = ClientProtocol()
+        """What is in flight on the current socket, and what its frames mean."""
+        self._voice_calls: dict[str, asyncio.Future[VoiceReady | VoiceDeleted]] = {}
         self._pings: dict[str, asyncio.Future[None]] = {}
         self._utterances: dict[str, Utterance] = {}
-        self._streams: dict[int, Utterance] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> LivevoiceClient:
@@ -423,14 +378,13 @@ class LivevoiceClient:
         """Sends ``speak`` and returns once the server queued it (or raises its error)."""
         message_id = id if id is not None else uuid.uuid4().hex[:12]
         await self._await_online()
-        if message_id in self._utterances:
-            raise DuplicateId(
-                f"message id {message_id!r} is still in flight", message_id=message_id
-            )
         utterance = Utterance(message_id)
-        self._utterances[message_id] = utterance
         try:
-            await self._asend(Speak(id=message_id, text=text, sample_rate=sample_rate))
+            async with self._send_lock:
+                # DuplicateId while one with this id is in flight: answers carry only the id.
+                self._wire.send_speak(Speak(id=message_id, text=text, sample_rate=sample_rate))
+                self._utterances[message_id] = utterance
+                await self._aflush_locked()
             await asyncio.wait_for(asyncio.shield(utterance._queued_fut), self.timeout)
         except BaseException:
             # Rejected, or we stopped waiting before queued: either way it is not tracked further.
@@ -478,11 +432,14 @@ class LivevoiceClient:
             self.timeout,
         )
         self._ws = ws
+        self._wire = ClientProtocol()
         self._ready_fut = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._aread(ws), name="livevoice-reader")
         try:
             hello = Hello(token=self.token, client=self.client_name, protocol=PROTOCOL_VERSION)
-            await self._asend(hello)
+            async with self._send_lock:
+                self._wire.send_hello(hello)
+                await self._aflush_locked()
             self.ready = await asyncio.wait_for(asyncio.shield(self._ready_fut), self.timeout)
             if restore:
                 await self._arestore_voice()
@@ -580,16 +537,23 @@ class LivevoiceClient:
 
     async def _asend(self, message: Message) -> None:
         async with self._send_lock:
-            await self._asend_locked(message)
+            self._wire.send(message)
+            await self._aflush_locked()
 
-    async def _asend_locked(self, message: Message) -> None:
+    async def _aflush_locked(self) -> None:
+        """Send what the wire has to send, in order (a clip right behind its register)."""
+        frames = self._wire.data_to_send()
         ws = self._ws
         if ws is None or ws.closed:
             raise ConnectionLost("not connected")
         try:
-            await ws.send_str(encode(message))
+            for frame in frames:
+                if isinstance(frame, str):
+                    await ws.send_str(frame)
+                else:
+                    await ws.send_bytes(frame)
         except (ConnectionError, aiohttp.ClientError) as exc:
-            raise ConnectionLost(f"sending {message.TYPE} failed: {exc}") from exc
+            raise ConnectionLost(f"sending failed: {exc}") from exc
 
     async def _aregister(self, clip: bytes, name: str | None, format: str | None) -> VoiceReady:
         ready = await self._avoice_request(VoiceRegister(name=name, format=format), clip)
@@ -599,26 +563,26 @@ class LivevoiceClient:
 
     async def _avoice_request(
         self, message: VoiceRegister | VoiceUse | VoiceDelete, clip: bytes | None = None
-    ) -> Message:
-        await asyncio.wait_for(self._voice_lock.acquire(), self.timeout)
-        request = _VoiceRequest(message)
-        # Released when the answer comes (or the socket drops), not when the caller stops
-        # waiting: a late answer must never be taken for the next request's.
-        request.done.add_done_callback(lambda _: self._voice_lock.release())
-        self._voice_request = request
+    ) -> VoiceReady | VoiceDeleted:
+        """Send a voice request and wait for its answer; several may be in flight (by id)."""
+        done: asyncio.Future[VoiceReady | VoiceDeleted] = asyncio.get_running_loop().create_future()
+        async with self._send_lock:
+            if isinstance(message, VoiceRegister):
+                request_id = self._wire.send_voice_register(message, clip or b"")
+            elif isinstance(message, VoiceUse):
+                request_id = self._wire.send_voice_use(message)
+            else:
+                request_id = self._wire.send_voice_delete(message)
+            self._voice_calls[request_id] = done
+            try:
+                await self._aflush_locked()
+            except BaseException:
+                self._voice_calls.pop(request_id, None)
+                raise
         try:
-            # The clip must be the very next frame after voice.register: one send lock for both.
-            async with self._send_lock:
-                await self._asend_locked(message)
-                if clip is not None:
-                    ws = self._ws
-                    if ws is None or ws.closed:
-                        raise ConnectionLost("not connected")
-                    await ws.send_bytes(clip)
-        except BaseException as exc:
-            request.fail(ConnectionLost(f"sending {message.TYPE} failed: {exc}"))
-            raise
-        return await asyncio.wait_for(asyncio.shield(request.done), self.timeout)
+            return await asyncio.wait_for(asyncio.shield(done), self.timeout)
+        finally:
+            self._voice_calls.pop(request_id, None)
 
     # --- reading --------------------------------------------------------------------------------
     async def _aread(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -626,9 +590,9 @@ class LivevoiceClient:
         try:
             async for msg in ws:
                 if msg.type is aiohttp.WSMsgType.TEXT:
-                    self._dispatch(decode_server(msg.data))
+                    self._on_event(self._wire.receive_text(msg.data))
                 elif msg.type is aiohttp.WSMsgType.BINARY:
-                    self._dispatch_frame(AudioFrame.decode(msg.data))
+                    self._on_event(self._wire.receive_binary(msg.data))
                 elif msg.type is aiohttp.WSMsgType.ERROR:
                     reason = f"socket error: {ws.exception()}"
                     break
@@ -651,83 +615,51 @@ class LivevoiceClient:
             self._fail_in_flight(ConnectionLost(reason))
 
     def _fail_in_flight(self, exc: BaseException) -> None:
+        self._wire.reset()
         if self._ready_fut is not None and not self._ready_fut.done():
             self._ready_fut.set_exception(exc)
             self._ready_fut.exception()
-        if self._voice_request is not None:
-            self._voice_request.fail(exc)
-            self._voice_request = None
-        for ping in self._pings.values():
-            if not ping.done():
-                ping.set_exception(exc)
-                ping.exception()
+        for waiters in (self._voice_calls, self._pings):
+            for fut in waiters.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: the caller may have stopped waiting
+        self._voice_calls.clear()
         for utterance in self._utterances.values():
             utterance._fail(exc)
         self._utterances.clear()
-        self._streams.clear()
 
-    def _dispatch(self, message: Message) -> None:
-        if isinstance(message, Error):
-            self._dispatch_error(message)
-        elif isinstance(message, Queued):
-            if (u := self._utterances.get(message.id)) is not None:
-                u._on_queued(message)
-        elif isinstance(message, AudioStart):
-            if (u := self._utterances.get(message.id)) is not None:
-                u._on_start(message)
-                self._streams[message.stream] = u
-        elif isinstance(message, AudioEnd):
-            self._streams.pop(message.stream, None)
-            if (u := self._utterances.pop(message.id, None)) is not None:
-                u._on_end(message)
-        elif isinstance(message, Cancelled):
-            if (u := self._utterances.pop(message.id, None)) is not None:
-                u._on_cancelled()
-        elif isinstance(message, VoiceReady | VoiceDeleted):
-            self._on_voice(message)
-        elif isinstance(message, Pong):
-            fut = self._pings.get(message.id) if message.id is not None else None
+    def _on_event(self, event: Event) -> None:
+        """Hand one event of the wire to whoever waits for it."""
+        if isinstance(event, SpeechQueued | SpeechStarted | SpeechAudio):
+            if (u := self._utterances.get(event.id)) is not None:
+                u._on_event(event)
+        elif isinstance(event, SpeechEnded | SpeechFailed):
+            if (u := self._utterances.pop(event.id, None)) is not None:
+                u._on_event(event)
+        elif isinstance(event, VoiceAnswered | VoiceRequestFailed):
+            fut = self._voice_calls.pop(event.request_id or "", None)
             if fut is not None and not fut.done():
-                fut.set_result(None)
-        elif (
-            isinstance(message, Ready)
-            and self._ready_fut is not None
-            and not self._ready_fut.done()
-        ):
-            self._ready_fut.set_result(message)
-
-    def _dispatch_error(self, message: Error) -> None:
-        exc = error_from_wire(message)
-        if message.id is not None and (u := self._utterances.pop(message.id, None)) is not None:
-            for stream, owner in list(self._streams.items()):
-                if owner is u:
-                    del self._streams[stream]
-            u._fail(exc)
-        elif self._ready_fut is not None and not self._ready_fut.done():
-            self._ready_fut.set_exception(exc)  # hello refused (unauthorized, unsupported)
-        elif message.id is None and self._voice_request is not None:
-            self._voice_request.fail(exc)
-            self._voice_request = None
-        else:
-            log.warning("error from the server: %s: %s", message.code, message.message)
-
-    def _on_voice(self, message: VoiceReady | VoiceDeleted) -> None:
-        request = self._voice_request
-        if request is not None and request.answer(message):
-            self._voice_request = None
-        elif isinstance(message, VoiceDeleted) and message.pinned:
+                if isinstance(event, VoiceAnswered):
+                    fut.set_result(event.answer)
+                else:
+                    fut.set_exception(event.error)
+        elif isinstance(event, VoiceLost):
             # Deleted by this tenant elsewhere: speak answers no_voice until another is set.
             log.warning("the pinned voice was deleted")
-            self._forget(message.voice_id)
-        else:
-            log.warning("unexpected %s with no voice request pending", message.TYPE)
-
-    def _dispatch_frame(self, frame: AudioFrame) -> None:
-        utterance = self._streams.get(frame.stream)
-        if utterance is None:
-            log.warning("audio frame for unknown stream %d", frame.stream)
-            return
-        utterance._on_frame(frame)
+            self._forget(event.notice.voice_id)
+        elif isinstance(event, PongReceived):
+            ping = self._pings.get(event.id) if event.id is not None else None
+            if ping is not None and not ping.done():
+                ping.set_result(None)
+        elif isinstance(event, SessionReady | HelloRefused):
+            if self._ready_fut is not None and not self._ready_fut.done():
+                if isinstance(event, SessionReady):
+                    self._ready_fut.set_result(event.ready)
+                else:  # unauthorized, unsupported
+                    self._ready_fut.set_exception(event.error)
+        elif isinstance(event, Unmatched):
+            log.warning("%s", event.reason)
 
 
 __all__ = [

@@ -239,6 +239,18 @@ class ClientProtocol:
         self._out.append(encode(delete))
         return delete.id
 
+    def track(self, message: Message) -> None:
+        """Remember a message sent by other means (a raw test client sends frames exactly as
+        written), so that its answers are matched and checked. A voice request without an id
+        is not tracked: its answer carries none."""
+        if isinstance(message, Hello):
+            self._hello_pending = True
+        elif isinstance(message, Speak):
+            self._speeches.setdefault(message.id, _Speech(message.id))
+        elif isinstance(message, VoiceRegister | VoiceUse | VoiceDelete) and message.id:
+            answers = (VoiceDeleted,) if isinstance(message, VoiceDelete) else (VoiceReady,)
+            self._voice_calls.setdefault(message.id, _VoiceCall(message, answers))
+
     def send(self, message: Message, clip: bytes | None = None) -> None:
         """Any client message, through the method that tracks it."""
         if isinstance(message, VoiceRegister):

@@ -14,8 +14,9 @@ import orjson
 from clients.web import add_widget_routes
 from live.testing import server as testing
 from live.testing.server import TIMEOUT, LiveServer, free_port
-from protocol import AudioFrame, decode_server, encode
-from protocol.messages import Error, Message, VoiceReady
+from protocol import AudioFrame, ClientProtocol, LivevoiceError, decode_client, encode
+from protocol.client import Event, SpeechFailed
+from protocol.messages import AudioEnd, Error, Message, VoiceReady
 
 __all__ = [
     "TIMEOUT",
@@ -44,36 +45,69 @@ class Received:
 
 
 class RawClient:
-    """A minimal client straight on the protocol codec, for asserting wire behaviour."""
+    """A minimal client that sends frames exactly as a test writes them, and reads the server's
+    through ``protocol.ClientProtocol``, the one decoder of the server's wire: requests it sends
+    are tracked there, so every test also checks the server's promises about them (frames
+    numbered without a gap, ``audio.end`` counting what arrived)."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
+        self.wire = ClientProtocol()
         self.seen = Received()
+        self.events: list[Event] = []
+        """What the wire made of every frame received, in order."""
+
+    @property
+    def broken_promises(self) -> list[SpeechFailed]:
+        """Speaks whose audio broke the protocol's rules (a gap, a miscount)."""
+        return [
+            e
+            for e in self.events
+            if isinstance(e, SpeechFailed) and isinstance(e.message, AudioEnd | AudioFrame)
+        ]
 
     async def asend(self, message: Message | dict[str, Any] | str) -> None:
         if isinstance(message, Message):
-            await self.ws.send_str(encode(message))
+            text = encode(message)
         elif isinstance(message, dict):
-            await self.ws.send_str(orjson.dumps(message).decode())
+            text = orjson.dumps(message).decode()
         else:
-            await self.ws.send_str(message)
+            text = message
+        with contextlib.suppress(LivevoiceError):  # hostile frames are sent, not tracked
+            self.wire.track(decode_client(text))
+        await self.ws.send_str(text)
 
     async def asend_bytes(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
 
+    async def areceive(self, timeout: float = TIMEOUT) -> Message | AudioFrame:
+        """The next frame, decoded and kept in ``seen``."""
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            event = self.wire.receive_text(msg.data)
+            self.events.append(event)
+            assert isinstance(event.message, Message)
+            self.seen.messages.append(event.message)
+            return event.message
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            event = self.wire.receive_binary(msg.data)
+            self.events.append(event)
+            assert isinstance(event.message, AudioFrame)
+            self.seen.frames.setdefault(event.message.stream, []).append(event.message)
+            return event.message
+        raise ConnectionError(f"socket ended: {msg.type} {msg.data!r} {msg.extra!r}")
+
     async def anext(self, timeout: float = TIMEOUT) -> Message:
         """The next control message; audio frames met on the way are collected."""
-        while True:
-            msg = await asyncio.wait_for(self.ws.receive(), timeout)
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                message = decode_server(msg.data)
-                self.seen.messages.append(message)
-                return message
-            if msg.type is aiohttp.WSMsgType.BINARY:
-                frame = AudioFrame.decode(msg.data)
-                self.seen.frames.setdefault(frame.stream, []).append(frame)
-                continue
-            raise ConnectionError(f"socket ended: {msg.type} {msg.data!r} {msg.extra!r}")
+        while not isinstance(frame := await self.areceive(timeout), Message):
+            pass
+        return frame
+
+    async def anext_frame(self, timeout: float = TIMEOUT) -> AudioFrame:
+        """The next audio frame; control messages met on the way are collected."""
+        while not isinstance(frame := await self.areceive(timeout), AudioFrame):
+            pass
+        return frame
 
     async def aregister(self, clip: bytes, **fields: Any) -> VoiceReady:
         """voice.register + the clip; the voice.ready that answers it. Audio and messages of
@@ -109,3 +143,4 @@ async def raw_client(server: LiveServer, *, hello: bool = True) -> AsyncIterator
             ready = await client.anext()
             assert ready.TYPE == "ready", ready
         yield client
+        assert not client.broken_promises, client.broken_promises

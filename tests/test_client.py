@@ -22,7 +22,8 @@ from clients.client import (
 )
 from live.cli import main as livevoice_main
 from live.settings import Limits
-from protocol import AudioFrame, LivevoiceError
+from protocol import AudioFrame, ClientProtocol, LivevoiceError, encode
+from protocol.client import RemoteError, error_code
 from protocol.errors import (
     BadAudioFrame,
     ClipNotAudio,
@@ -33,7 +34,7 @@ from protocol.errors import (
     UnsupportedSampleRate,
     VoiceNotFound,
 )
-from protocol.messages import AudioEnd, AudioStart, Error
+from protocol.messages import AudioEnd, AudioStart, Error, Speak
 from tests.clips import reference_clip, wav_bytes
 from tests.server import LiveServer, live_server
 
@@ -158,17 +159,26 @@ async def test_cancel_one_and_cancel_all(client: LivevoiceClient) -> None:
 
 
 async def test_utterance_checks_sequence_numbers_and_counts() -> None:
-    u = Utterance("m1")
-    u._on_start(AudioStart(id="m1", stream=3, sample_rate=22050))
-    u._on_frame(AudioFrame(3, 0, b"\x01\x00"))
-    u._on_frame(AudioFrame(3, 2, b"\x02\x00"))  # frame 1 was lost
+    """The checks are the ClientProtocol's; an Utterance raises what it reports."""
+
+    def fed(message_id: str, stream: int) -> tuple[ClientProtocol, Utterance]:
+        wire, u = ClientProtocol(), Utterance(message_id)
+        wire.send_speak(Speak(id=message_id, text="x"))
+        u._on_event(
+            wire.receive_text(encode(AudioStart(id=message_id, stream=stream, sample_rate=22050)))
+        )
+        return wire, u
+
+    wire, u = fed("m1", 3)
+    u._on_event(wire.receive_binary(AudioFrame(3, 0, b"\x01\x00").encode()))
+    u._on_event(wire.receive_binary(AudioFrame(3, 2, b"\x02\x00").encode()))  # frame 1 was lost
     with pytest.raises(BadAudioFrame, match="expected frame 1, got 2"):
         await within(u.aresult())
 
-    v = Utterance("m2")
-    v._on_start(AudioStart(id="m2", stream=4, sample_rate=22050))
-    v._on_frame(AudioFrame(4, 0, b"\x01\x00"))
-    v._on_end(AudioEnd(id="m2", stream=4, frames=2, samples=2, duration_ms=0.1, ttfa_ms=1))
+    wire, v = fed("m2", 4)
+    v._on_event(wire.receive_binary(AudioFrame(4, 0, b"\x01\x00").encode()))
+    end = AudioEnd(id="m2", stream=4, frames=2, samples=2, duration_ms=0.1, ttfa_ms=1)
+    v._on_event(wire.receive_text(encode(end)))
     with pytest.raises(BadAudioFrame, match="announces 2 frames"):
         await within(v.aresult())
     with pytest.raises(BadAudioFrame):
@@ -176,8 +186,10 @@ async def test_utterance_checks_sequence_numbers_and_counts() -> None:
 
     known = error_from_wire(Error(code="queue_full", message="full", id="m3"))
     assert isinstance(known, QueueFull) and known.message_id == "m3"
+    # A code this client does not know: kept on the instance, no class attribute changed.
     unknown = error_from_wire(Error(code="brand_new", message="later protocol"))
-    assert type(unknown) is LivevoiceError and unknown.code == "brand_new"
+    assert isinstance(unknown, RemoteError) and error_code(unknown) == "brand_new"
+    assert LivevoiceError.code == "internal_error"
 
 
 async def test_delete_forgets_the_voice(server: LiveServer, clip: bytes) -> None:

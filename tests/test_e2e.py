@@ -14,7 +14,7 @@ from aiohappyeyeballs import AddrInfoType
 
 from live.encoder import EncoderWorker
 from live.speech import PiperEngine
-from protocol import AudioFrame, decode_server
+from protocol import AudioFrame
 from protocol.messages import (
     AudioEnd,
     AudioStart,
@@ -75,15 +75,7 @@ one allows for a frame already being written when the cancel was read."""
 
 async def anext_frame(client: RawClient) -> AudioFrame:
     """The next audio frame; it and control messages met on the way are kept in ``seen``."""
-    while True:
-        msg = await asyncio.wait_for(client.ws.receive(), 30)
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            client.seen.messages.append(decode_server(msg.data))
-            continue
-        assert msg.type is aiohttp.WSMsgType.BINARY, (msg.type, msg.data)
-        frame = AudioFrame.decode(msg.data)
-        client.seen.frames.setdefault(frame.stream, []).append(frame)
-        return frame
+    return await client.anext_frame(30)
 
 
 async def acancel_fenced(
@@ -199,8 +191,7 @@ async def test_first_audio_leaves_before_the_last_sentence_is_synthesized(
         assert isinstance(await c.anext(), Queued)
         assert isinstance(await c.anext(), AudioStart)
         engine.release(1)  # only the first sentence may be synthesized
-        msg = await asyncio.wait_for(c.ws.receive(), 10)
-        frame = AudioFrame.decode(msg.data)
+        frame = await c.anext_frame(10)
         assert frame.seq == 0 and engine.produced == 1
         engine.release(3)
         end = await c.await_type("audio.end")

@@ -8,7 +8,6 @@ import logging
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -20,7 +19,6 @@ from live.redis_tier import PURGE_CHANNEL, RedisTier, key, record_key, refs_key
 from live.settings import Limits
 from live.speech import PiperEngine
 from live.voices import Embedding, Purge, VoiceRecord
-from protocol import AudioFrame, decode_server
 from protocol.messages import AudioEnd, Error, Pong, Queued, VoiceDeleted, VoiceReady
 from tests.clips import reference_clip, wav_bytes
 from tests.fakes import GatedEngine
@@ -51,14 +49,7 @@ async def expect(c: RawClient, kind: str) -> object:
 
 async def first_audio(c: RawClient) -> None:
     """Read until an audio frame arrives (control messages on the way are kept in ``seen``)."""
-    while True:
-        msg = await asyncio.wait_for(c.ws.receive(), 30)
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            frame = AudioFrame.decode(msg.data)
-            c.seen.frames.setdefault(frame.stream, []).append(frame)
-            return
-        assert msg.type is aiohttp.WSMsgType.TEXT, msg
-        c.seen.messages.append(decode_server(msg.data))
+    await c.anext_frame(30)
 
 
 async def until_true(check: object, what: str, timeout_s: float = 20.0) -> None:
