@@ -14,43 +14,24 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from protocol import LivevoiceError, ServerProtocol, SessionState
 from protocol.errors import HelloTimeout, IdleTimeout, InternalError, Unauthorized
-from protocol.messages import Hello, Ready, Speak, VoiceDelete, VoiceReady, VoiceUse
-from protocol.state import CLIP_FORMATS, SAMPLE_RATES, ClipUpload, VoiceRequest
+from protocol.messages import Hello, Speak, VoiceDelete, VoiceUse
+from protocol.state import SAMPLE_RATES
 
-from .audio import canonicalize
 from .pinned import PinnedVoice
 from .speaker import Speaker
 from .text import clean_text
-from .values import Purge, ResolvedVoice, VoiceRecord
+from .transport import Transport, asend_frames
+from .values import Purge
+from .voice_requests import VoiceRequests
 
 if TYPE_CHECKING:
     from .services import Services
 
 log = logging.getLogger(__name__)
-
-
-class Transport(Protocol):
-    """What a session needs of its socket (``live.connections.SessionSocket`` in the server)."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    async def areceive(self, timeout: float) -> str | bytes | LivevoiceError | None:
-        """Text, binary, the typed error of a frame that ends the connection (RFC 6455), or
-        None once it ended; ``TimeoutError`` when nothing came in time."""
-        ...
-
-    async def send_str(self, data: str) -> None: ...
-    async def send_bytes(self, data: bytes) -> None: ...
-    async def close(self, *, code: int, message: bytes) -> bool: ...
-
-    def admit(self) -> None:
-        """The client authenticated: its frames may be as large as any session's."""
-        ...
 
 
 class SessionLog(logging.LoggerAdapter[logging.Logger]):
@@ -76,6 +57,7 @@ class Session:
             clean_text=clean_text,
         )
         self.voice = PinnedVoice(services.store)
+        self.requests = VoiceRequests(self.protocol, self.voice, services.store, limits, self.log)
         self.speaker = Speaker(
             self.protocol,
             self.voice,
@@ -173,36 +155,28 @@ class Session:
             return  # never wait behind a send held up by a slow reader for nothing
         async with self._send_lock:
             while frames := self.protocol.data_to_send():
-                for frame in frames:
-                    if self.ws.closed:
-                        break
-                    try:
-                        if isinstance(frame, str):
-                            await self.ws.send_str(frame)
-                        else:
-                            await self.ws.send_bytes(frame)
-                    except (ConnectionError, RuntimeError) as exc:
-                        # aiohttp raises ClientConnectionResetError (a ConnectionResetError)
-                        # or, on a closing transport, RuntimeError: the peer is gone.
-                        self.log.info("client went away mid-send: %s", type(exc).__name__)
-                        self.protocol.cancel(None)
-                        self.speaker.wake()
-                        break
-            self._count()
+                if not await asend_frames(self.ws, frames):
+                    self.log.info("client went away mid-send")
+                    self.protocol.cancel(None)
+                    self.speaker.wake()
+            metrics = self.services.metrics
+            for code in self.protocol.errors_sent():
+                metrics.errors.labels(code).inc()
+            for _, outcome in self.protocol.speaks_ended():
+                metrics.messages.labels(outcome).inc()
         if self.protocol.close_code is not None and not self._closing:
             self._closing = True
             reason = self.protocol.close_reason.encode()
             await self.ws.close(code=self.protocol.close_code, message=reason)
 
-    def _count(self) -> None:
-        metrics = self.services.metrics
-        for code in self.protocol.errors_sent():
-            metrics.errors.labels(code).inc()
-        for _, outcome in self.protocol.speaks_ended():
-            metrics.messages.labels(outcome).inc()
-
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(work)
+        """Slow work beside the reader (a voice request); what it leaves to send is sent."""
+
+        async def run() -> None:
+            await work
+            await self._aflush()
+
+        task = asyncio.ensure_future(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -217,9 +191,9 @@ class Session:
         elif isinstance(message, VoiceUse):
             request = self.protocol.newest_voice_request
             assert request is not None
-            self._spawn(self._ause(message, request))
+            self._spawn(self.requests.ause(self.tenant, message, request))
         elif isinstance(message, VoiceDelete):
-            await self._adelete(message)
+            await self.requests.adelete(self.tenant, message)
         self.speaker.wake()  # a message admitted, or the current one cancelled
 
     def _on_binary(self, data: bytes) -> None:
@@ -228,9 +202,9 @@ class Session:
         try:
             self.services.tenant_limits.take_registration(self.tenant)
         except LivevoiceError as exc:
-            self._voice_failed(upload.request, exc)
+            self.requests.failed(upload.request, exc)
             return
-        self._spawn(self._aregister(upload, upload.request))
+        self._spawn(self.requests.aregister(self.tenant, upload, upload.request))
 
     def _hello(self, hello: Hello) -> None:
         upgraded = self._upgrade_tenant
@@ -245,88 +219,12 @@ class Session:
         self.ws.admit()  # before ready: a client may send its clip as soon as it reads ready
         self.log.info("hello from %s", (hello.client or "unnamed client")[:80])
         settings = self.services.settings
-        formats = {
-            "clip": list(CLIP_FORMATS),
-            "encoding": ["s16le"],
-            "sample_rates": list(SAMPLE_RATES),
-            "default_sample_rate": self.services.engine.sample_rate,
-            "frame_ms": settings.frame_ms,
-        }
-        limits = settings.limits.to_wire()
-        self.protocol.accept_hello(Ready(session_id=self.id, limits=limits, formats=formats))
-
-    # --- voices -----------------------------------------------------------------------------
-    async def _aregister(self, upload: ClipUpload, request: VoiceRequest) -> None:
-        """Runs beside the reader: speaks admitted meanwhile wait for this voice (R3, R4)."""
-        limits = self.services.settings.limits
-        start = time.perf_counter()
-        store = self.services.store
-        try:
-            clip = await asyncio.to_thread(
-                canonicalize, upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
-            )
-            resolved = await store.aresolve(clip)
-            record = await store.aremember(self.tenant, resolved, upload.register.name)
-        except Exception as exc:
-            self._voice_failed(request, exc)
-        else:
-            self._pin(request, record, resolved, start, quality=clip.quality.to_wire())
-        await self._aflush()
-
-    async def _ause(self, use: VoiceUse, request: VoiceRequest) -> None:
-        start = time.perf_counter()
-        try:
-            record, resolved = await self.services.store.ause(self.tenant, use.voice_id)
-        except Exception as exc:
-            self._voice_failed(request, exc)
-        else:
-            self._pin(request, record, resolved, start)
-        await self._aflush()
-
-    def _voice_failed(self, request: VoiceRequest, exc: Exception) -> None:
-        if not isinstance(exc, LivevoiceError):
-            self.log.error("voice request failed", exc_info=exc)
-            exc = InternalError("the server failed to resolve this voice")
-        self.protocol.voice_failed(request, exc)
-        self.voice.failed()
-
-    def _pin(
-        self,
-        request: VoiceRequest,
-        record: VoiceRecord,
-        resolved: ResolvedVoice,
-        start: float,
-        *,
-        quality: dict[str, Any] | None = None,
-    ) -> None:
-        self.voice.pin(request, resolved)
-        ready = VoiceReady(
-            voice_id=record.voice_id,
-            source=resolved.source.value,
-            ms=round((time.perf_counter() - start) * 1000, 3),
-            name=record.name,
-            duration_s=round(record.duration_s, 3),
-            quality=quality,
+        self.protocol.accept_hello(
+            session_id=self.id,
+            limits=settings.limits.to_wire(),
+            default_sample_rate=self.services.engine.sample_rate,
+            frame_ms=settings.frame_ms,
         )
-        self.protocol.voice_pinned(request, ready)
-        self.log.info(
-            "voice %s pinned from %s in %.1f ms",
-            record.voice_id,
-            resolved.source.value,
-            resolved.seconds * 1000,
-        )
-
-    async def _adelete(self, delete: VoiceDelete) -> None:
-        try:
-            await self.services.store.adelete(self.tenant, delete.voice_id)
-        except Exception as exc:
-            if not isinstance(exc, LivevoiceError):
-                self.log.exception("deleting a voice failed")
-                exc = InternalError("the server failed to delete this voice")
-            self.protocol.delete_failed(delete, exc)
-            return
-        self.log.info("voice %s deleted", delete.voice_id[:40])
-        self.protocol.voice_deleted(delete)
 
     def _on_purge(self, purge: Purge) -> None:
         """A voice was deleted, here or on another server (R6). Matched by tenant and voice id,
@@ -338,4 +236,4 @@ class Session:
         if self.protocol.purge(purge.voice_id):
             self.voice.release()
             self.speaker.wake()
-            self._spawn(self._aflush())
+            self._spawn(self._aflush())  # the frames R6 queued

@@ -49,6 +49,7 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .codec import AudioFrame, decode_client, encode
 from .errors import (
@@ -295,8 +296,18 @@ class ServerProtocol:
         return ClipUpload(register, bytes(frame), self._start_voice(register.id))
 
     # --- hello --------------------------------------------------------------------------------
-    def accept_hello(self, ready: Ready) -> None:
-        self._send(ready)
+    def accept_hello(
+        self, *, session_id: str, limits: dict[str, Any], default_sample_rate: int, frame_ms: int
+    ) -> None:
+        """The server admitted the client: ``ready``, with the limits and formats it serves."""
+        formats = {
+            "clip": list(CLIP_FORMATS),
+            "encoding": ["s16le"],
+            "sample_rates": list(self.sample_rates),
+            "default_sample_rate": default_sample_rate,
+            "frame_ms": frame_ms,
+        }
+        self._send(Ready(session_id=session_id, limits=limits, formats=formats))
 
     # --- voices (R3, R4, R6) ------------------------------------------------------------------
     def _start_voice(self, request_id: str | None) -> VoiceRequest:

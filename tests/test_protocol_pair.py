@@ -33,7 +33,6 @@ from protocol.messages import (
     Cancel,
     Hello,
     Ping,
-    Ready,
     Speak,
     VoiceDelete,
     VoiceDeleted,
@@ -55,7 +54,9 @@ class Pair:
         self.events: list[Event] = []
         self.client.send_hello(Hello(client="pair"))
         self.pump()
-        self.server.accept_hello(Ready(session_id="s1"))
+        self.server.accept_hello(
+            session_id="s1", limits={}, default_sample_rate=22050, frame_ms=100
+        )
         self.pump()
 
     def pump(self) -> list[Event]:

@@ -1,0 +1,111 @@
+"""A session's voice requests against the voice store: register a clip, use an id, delete one.
+
+Each runs as the session's slow work and reports its outcome to the protocol, which answers the
+client (``voice.ready``, ``voice.deleted`` or the ``error``, with the request's id) and decides
+which messages fall back to which voice; the embeddings land in the session's ``PinnedVoice``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from protocol.errors import InternalError, LivevoiceError
+from protocol.messages import VoiceDelete, VoiceReady, VoiceUse
+from protocol.state import ClipUpload, ServerProtocol, VoiceRequest
+
+from .audio import canonicalize
+from .pinned import PinnedVoice
+from .settings import Limits
+from .values import ResolvedVoice, VoiceRecord
+from .voices import VoiceStore
+
+
+class VoiceRequests:
+    def __init__(
+        self,
+        protocol: ServerProtocol,
+        voice: PinnedVoice,
+        store: VoiceStore,
+        limits: Limits,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self._protocol = protocol
+        self._voice = voice
+        self._store = store
+        self._limits = limits
+        self._log = log
+
+    async def aregister(self, tenant: str, upload: ClipUpload, request: VoiceRequest) -> None:
+        """Decode the clip, find or compute its embedding, remember it as the tenant's voice."""
+        start = time.perf_counter()
+        limits = self._limits
+        try:
+            clip = await asyncio.to_thread(
+                canonicalize, upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
+            )
+            resolved = await self._store.aresolve(clip)
+            record = await self._store.aremember(tenant, resolved, upload.register.name)
+        except Exception as exc:
+            self.failed(request, exc)
+        else:
+            self._pin(request, record, resolved, start, quality=clip.quality.to_wire())
+
+    async def ause(self, tenant: str, use: VoiceUse, request: VoiceRequest) -> None:
+        start = time.perf_counter()
+        try:
+            record, resolved = await self._store.ause(tenant, use.voice_id)
+        except Exception as exc:
+            self.failed(request, exc)
+        else:
+            self._pin(request, record, resolved, start)
+
+    def failed(self, request: VoiceRequest, exc: Exception) -> None:
+        """The request failed: its error goes to the client, its messages fall back (R4)."""
+        self._protocol.voice_failed(request, self._typed(exc, "resolve this voice"))
+        self._voice.failed()
+
+    async def adelete(self, tenant: str, delete: VoiceDelete) -> None:
+        """Forget the tenant's voice everywhere. The purge reaches this session (and every other
+        of the tenant) through the store's listeners before the answer (R6)."""
+        try:
+            await self._store.adelete(tenant, delete.voice_id)
+        except Exception as exc:
+            self._protocol.delete_failed(delete, self._typed(exc, "delete this voice"))
+            return
+        self._log.info("voice %s deleted", delete.voice_id[:40])
+        self._protocol.voice_deleted(delete)
+
+    def _typed(self, exc: Exception, what: str) -> LivevoiceError:
+        if isinstance(exc, LivevoiceError):
+            return exc
+        self._log.error("failed to %s", what, exc_info=exc)
+        return InternalError(f"the server failed to {what}")
+
+    def _pin(
+        self,
+        request: VoiceRequest,
+        record: VoiceRecord,
+        resolved: ResolvedVoice,
+        start: float,
+        *,
+        quality: dict[str, Any] | None = None,
+    ) -> None:
+        self._voice.pin(request, resolved)
+        ready = VoiceReady(
+            voice_id=record.voice_id,
+            source=resolved.source.value,
+            ms=round((time.perf_counter() - start) * 1000, 3),
+            name=record.name,
+            duration_s=round(record.duration_s, 3),
+            quality=quality,
+        )
+        self._protocol.voice_pinned(request, ready)
+        self._log.info(
+            "voice %s pinned from %s in %.1f ms",
+            record.voice_id,
+            resolved.source.value,
+            resolved.seconds * 1000,
+        )
