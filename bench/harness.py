@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 import numpy as np
-import orjson
+
+from protocol import ClientProtocol, LivevoiceError
+from protocol.client import (
+    Event,
+    SessionReady,
+    VoiceAnswered,
+    VoiceRequestFailed,
+    error_code,
+)
+from protocol.messages import Hello, Message, VoiceReady, VoiceRegister
 
 if TYPE_CHECKING:
     from live.audio import Fingerprint
@@ -201,6 +210,14 @@ class ServerError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
 
+    @classmethod
+    def of(cls, event: Event) -> ServerError:
+        """The server's refusal (or whatever came instead of the answer)."""
+        error = getattr(event, "error", None)
+        if isinstance(error, LivevoiceError):
+            return cls(error_code(error), error.message)
+        return cls("unexpected", repr(event.message)[:200])
+
 
 @dataclass(frozen=True, slots=True)
 class Registration:
@@ -213,10 +230,11 @@ class Registration:
 
 
 class WsSession:
-    """One bench client on the raw wire: JSON control frames out, ``voice.ready`` back."""
+    """One bench client on the wire, read through ``protocol.ClientProtocol``."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
+        self.wire = ClientProtocol()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -227,35 +245,39 @@ class WsSession:
             url, max_msg_size=0, compress=0, timeout=aiohttp.ClientWSTimeout(ws_close=5)
         ) as ws:
             session = cls(ws)
-            await session.asend({"type": "hello", "client": client})
-            ready = await session.arecv_text()
-            if ready.get("type") != "ready":
-                raise ServerError(str(ready.get("code")), str(ready.get("message")))
+            await session.asend(Hello(client=client))
+            event = await session.anext_event()
+            if not isinstance(event, SessionReady):
+                raise ServerError.of(event)
             yield session
 
-    async def asend(self, message: dict[str, Any]) -> None:
-        await self.ws.send_str(orjson.dumps(message).decode())
+    async def asend(self, message: Message, clip: bytes | None = None) -> None:
+        self.wire.send(message, clip)
+        for frame in self.wire.data_to_send():
+            if isinstance(frame, str):
+                await self.ws.send_str(frame)
+            else:
+                await self.ws.send_bytes(frame)
 
-    async def arecv_text(self, timeout: float = WS_TIMEOUT) -> dict[str, Any]:
-        """The next control message; binary frames met on the way are skipped."""
-        while True:
-            msg = await asyncio.wait_for(self.ws.receive(), timeout)
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                parsed: dict[str, Any] = orjson.loads(msg.data)
-                return parsed
-            if msg.type is aiohttp.WSMsgType.BINARY:
-                continue
-            raise ConnectionError(f"socket ended: {msg.type.name} {msg.data!r}")
+    async def anext_event(self, timeout: float | None = WS_TIMEOUT) -> Event:
+        """What the next frame from the server means."""
+        msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            return self.wire.receive_text(msg.data)
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            return self.wire.receive_binary(msg.data)
+        raise ConnectionError(f"socket ended: {msg.type.name} {msg.data!r}")
 
     async def aregister(self, clip: bytes, *, name: str | None = None) -> Registration:
         start = time.perf_counter()
-        await self.asend({"type": "voice.register", "name": name, "format": "wav"})
-        await self.ws.send_bytes(clip)
-        reply = await self.arecv_text()
+        await self.asend(VoiceRegister(name=name, format="wav"), clip)
+        while not isinstance(event := await self.anext_event(), VoiceAnswered | VoiceRequestFailed):
+            pass
         seconds = time.perf_counter() - start
-        if reply.get("type") != "voice.ready":
-            raise ServerError(str(reply.get("code")), str(reply.get("message")))
-        return Registration(seconds, reply["source"], float(reply["ms"]), reply["voice_id"])
+        if not isinstance(event, VoiceAnswered) or not isinstance(event.answer, VoiceReady):
+            raise ServerError.of(event)
+        ready = event.answer
+        return Registration(seconds, ready.source, ready.ms, ready.voice_id)
 
 
 # --- progress ---------------------------------------------------------------------------------

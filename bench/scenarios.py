@@ -19,6 +19,16 @@ import aiohttp
 import numpy as np
 import orjson
 
+from protocol.client import (
+    SpeechAudio,
+    SpeechEnded,
+    SpeechFailed,
+    SpeechStarted,
+    Unmatched,
+    error_code,
+)
+from protocol.messages import Error, Speak
+
 from .harness import (
     ROOT,
     WS_TIMEOUT,
@@ -442,11 +452,10 @@ class Listener:
         rng: random.Random,
     ) -> None:
         by_id: dict[str, Utterance] = {}
-        by_stream: dict[int, Utterance] = {}
         try:
             async with WsSession.aopen(http, url, f"bench-live-{self.number}") as session:
                 await session.aregister(clip, name=f"streamer {self.number}")
-                reader = asyncio.create_task(self._aread(session, by_id, by_stream))
+                reader = asyncio.create_task(self._aread(session, by_id))
                 try:
                     await self._asend(session, by_id, sizes, until, rng)
                     while time.perf_counter() < drain_until and not all(
@@ -484,47 +493,35 @@ class Listener:
             utterance = Utterance(f"m{count}", "long" if long else "short", time.perf_counter())
             by_id[utterance.id] = utterance
             self.utterances.append(utterance)
-            await session.asend({"type": "speak", "id": utterance.id, "text": text})
+            await session.asend(Speak(id=utterance.id, text=text))
             next_at += gap()
 
-    async def _aread(
-        self,
-        session: WsSession,
-        by_id: dict[str, Utterance],
-        by_stream: dict[int, Utterance],
-    ) -> None:
-        from protocol import AudioFrame
-
-        ws = session.ws
+    async def _aread(self, session: WsSession, by_id: dict[str, Utterance]) -> None:
         while True:
-            msg = await ws.receive()
-            now = time.perf_counter()
-            if msg.type is aiohttp.WSMsgType.BINARY:
-                frame = AudioFrame.decode(msg.data)
-                target = by_stream.get(frame.stream)
-                if target is not None:
-                    target.frames.append((now, len(frame.pcm) // 2))
-                continue
-            if msg.type is not aiohttp.WSMsgType.TEXT:
+            try:
+                event = await session.anext_event(timeout=None)
+            except ConnectionError:
                 if not all(u.finished for u in self.utterances):
-                    self.errors.append(f"socket {msg.type.name}")
+                    self.errors.append("socket ended")
                 return
-            message = orjson.loads(msg.data)
-            kind = message.get("type")
-            utterance = by_id.get(str(message.get("id")))
-            if kind == "audio.start" and utterance is not None:
+            now = time.perf_counter()
+            utterance = by_id.get(getattr(event, "id", ""))
+            if isinstance(event, SpeechAudio) and utterance is not None:
+                utterance.frames.append((now, len(event.pcm) // 2))
+            elif isinstance(event, SpeechStarted) and utterance is not None:
                 utterance.start_at = now
-                utterance.sample_rate = int(message["sample_rate"])
-                by_stream[int(message["stream"])] = utterance
-            elif kind == "audio.end" and utterance is not None:
+                utterance.sample_rate = event.sample_rate
+            elif isinstance(event, SpeechEnded) and event.end is not None and utterance:
                 utterance.end_at = now
-                utterance.server_ttfa_ms = float(message["ttfa_ms"])
-                utterance.duration_ms = float(message["duration_ms"])
-            elif kind in ("error", "cancelled"):
-                code = str(message.get("code", kind))
+                utterance.server_ttfa_ms = event.end.ttfa_ms
+                utterance.duration_ms = event.end.duration_ms
+            elif isinstance(event, SpeechEnded | SpeechFailed):
+                code = "cancelled" if isinstance(event, SpeechEnded) else error_code(event.error)
                 self.errors.append(code)
                 if utterance is not None:
                     utterance.error = code
+            elif isinstance(event, Unmatched) and isinstance(event.message, Error):
+                self.errors.append(event.message.code)
 
 
 def play(utterances: list[Utterance], prebuffer_s: float = 0.0) -> dict[str, float]:
@@ -564,8 +561,8 @@ async def arun_live_sessions(
         # Warm-up: one message through Piper so that no level pays the first inference.
         async with WsSession.aopen(http, server.ws_url) as session:
             await session.aregister(ctx.bank.clip("live", 0))
-            await session.asend({"type": "speak", "id": "warm", "text": SHORT_MESSAGES[0]})
-            while (await session.arecv_text()).get("type") not in ("audio.end", "error"):
+            await session.asend(Speak(id="warm", text=SHORT_MESSAGES[0]))
+            while not isinstance(await session.anext_event(), SpeechEnded | SpeechFailed):
                 pass
         planned = list(sizes.levels) + list(sizes.beyond)
         for index, level in enumerate(planned):
