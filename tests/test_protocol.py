@@ -13,15 +13,20 @@ from hypothesis import strategies as st
 
 from protocol import AudioFrame, ClipUpload, LivevoiceError, ServerProtocol, decode_server, encode
 from protocol.errors import all_codes
-from protocol.messages import CLIENT_MESSAGES, SERVER_MESSAGES, Message
+from protocol.messages import CLIENT_MESSAGES, SERVER_MESSAGES, Message, Speak
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = json.loads((ROOT / "protocol" / "vectors" / "v1.json").read_text())
 
 
 def _feed(proto: ServerProtocol, frame: dict[str, Any]) -> Any:
+    """One frame, as the server's I/O layer feeds it: every speak the core returns is admitted
+    (no rate limit here)."""
     if "text" in frame:
-        return proto.receive_text(frame["text"])
+        message = proto.receive_text(frame["text"])
+        if isinstance(message, Speak):
+            proto.accept_speak(message)
+        return message
     return proto.receive_binary(b"\x01" * frame["binary_len"])
 
 
@@ -36,6 +41,10 @@ def test_client_session_vectors(case: dict[str, Any]) -> None:
             assert exc.code == expected["error"]
             assert exc.message_id == expected.get("id")
             continue
+        finally:
+            sent = [json.loads(f) for f in proto.data_to_send() if isinstance(f, str)]
+            if "sends" in expected:
+                assert sent == expected["sends"]
         assert "error" not in expected, f"expected {expected['error']}, got {outcome!r}"
         if isinstance(outcome, ClipUpload):
             assert len(outcome.data) == expected["clip"]
