@@ -23,6 +23,7 @@ from typing import IO, TypeVar
 import aiohttp
 
 from protocol import LivevoiceError
+from protocol.client import error_code
 from protocol.errors import VoiceNotFound
 from protocol.messages import VoiceReady
 from protocol.state import CLIP_FORMATS
@@ -123,7 +124,7 @@ def _run(args: argparse.Namespace, work: Awaitable[int]) -> int:
         print(f"usage: {args.prog} ...\n{args.prog}: error: {exc}", file=sys.stderr)
         return 2
     except LivevoiceError as exc:
-        print(f"livevoice: {exc.code}: {exc.message}", file=sys.stderr)
+        print(f"livevoice: {error_code(exc)}: {exc.message}", file=sys.stderr)
         return 1
     except TimeoutError:
         print(f"livevoice: timeout: no answer within {args.timeout:g} s", file=sys.stderr)
@@ -177,7 +178,7 @@ async def _achat(args: argparse.Namespace) -> int:
         nonlocal failures
         failures += 1
         if isinstance(exc, LivevoiceError):
-            progress.line(f"[{n}] error {exc.code}: {exc.message}", force=True)
+            progress.line(f"[{n}] error {error_code(exc)}: {exc.message}", force=True)
         else:
             progress.line(f"[{n}] error connection_lost: {exc}", force=True)
 

@@ -47,6 +47,7 @@ from protocol.client import (
     VoiceAnswered,
     VoiceLost,
     VoiceRequestFailed,
+    error_code,
     error_from_wire,
 )
 from protocol.errors import (
@@ -55,6 +56,7 @@ from protocol.errors import (
     Unsupported,
     VoiceNotFound,
     VoiceUnavailable,
+    all_codes,
 )
 from protocol.messages import (
     AudioEnd,
@@ -78,7 +80,12 @@ log = logging.getLogger(__name__)
 
 CLIENT_NAME = "livevoice-python/0.1"
 # Close codes after which trying again cannot help (see the error table in protocol/SPEC.md).
-FATAL_CLOSE_CODES = frozenset({4401})
+FATAL_CLOSE_CODES = frozenset(
+    cls.close_code
+    for cls in all_codes().values()
+    if cls.close_code is not None and not cls.retryable
+)
+"""Close codes after which reconnecting cannot help (unauthorized, protocol violations)."""
 
 
 class ConnectionLost(ConnectionError):
@@ -90,6 +97,10 @@ class ConnectionLost(ConnectionError):
 
 class ClientClosed(ConnectionError):
     """The client was closed, or gave up reconnecting."""
+
+
+class VoiceRestoreFailed(ConnectionError):
+    """After a reconnect the voice could not be pinned again yet; the next try will."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +429,38 @@ class LivevoiceClient:
     async def _aopen(self, *, restore: bool) -> Ready:
         """Connects, says hello and (after a drop) re-pins the voice; then lets callers in."""
         assert self._http is not None
-        ws = await asyncio.wait_for(
+        try:
+            ws = await self._aconnect_socket()
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401:
+                # The token was refused at the upgrade: the same answer hello would give.
+                raise Unauthorized("the server refused this token") from exc
+            raise
+        self._ws = ws
+        self._wire = ClientProtocol()
+        self._ready_fut = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._aread(ws), name="livevoice-reader")
+        try:
+            hello = Hello(token=self.token, client=self.client_name, protocol=PROTOCOL_VERSION)
+            async with self._send_lock:
+                self._wire.send_hello(hello)
+                await self._aflush_locked()
+            self.ready = await asyncio.wait_for(asyncio.shield(self._ready_fut), self.timeout)
+            if restore:
+                try:
+                    await self._arestore_voice()
+                except LivevoiceError as exc:
+                    # Not the session's refusal: the voice could not be pinned yet.
+                    raise VoiceRestoreFailed(f"{error_code(exc)}: {exc.message}") from exc
+        except BaseException:
+            await self._adrop_socket()
+            raise
+        self._online.set()
+        return self.ready
+
+    async def _aconnect_socket(self) -> aiohttp.ClientWebSocketResponse:
+        assert self._http is not None
+        return await asyncio.wait_for(
             self._http.ws_connect(
                 self.url,
                 max_msg_size=0,
@@ -431,23 +473,6 @@ class LivevoiceClient:
             ),
             self.timeout,
         )
-        self._ws = ws
-        self._wire = ClientProtocol()
-        self._ready_fut = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.create_task(self._aread(ws), name="livevoice-reader")
-        try:
-            hello = Hello(token=self.token, client=self.client_name, protocol=PROTOCOL_VERSION)
-            async with self._send_lock:
-                self._wire.send_hello(hello)
-                await self._aflush_locked()
-            self.ready = await asyncio.wait_for(asyncio.shield(self._ready_fut), self.timeout)
-            if restore:
-                await self._arestore_voice()
-        except BaseException:
-            await self._adrop_socket()
-            raise
-        self._online.set()
-        return self.ready
 
     def _forget(self, voice_id: str | None) -> None:
         """Drops a deleted voice (``None``: the pinned one) so that no reconnect brings it back."""
@@ -493,13 +518,15 @@ class LivevoiceClient:
                     await self._aopen(restore=True)
                 except (OSError, aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
                     log.info("reconnect failed: %s", exc)
-                except (Unauthorized, Unsupported) as exc:
-                    # Trying again cannot help: the server refuses this client.
-                    self._give_up(exc)
-                    return
+                except VoiceRestoreFailed as exc:
+                    # Busy, rate limited or Redis unavailable while re-pinning: try again later.
+                    log.info("voice not restored yet: %s", exc)
                 except LivevoiceError as exc:
-                    # Busy or rate limited while re-pinning the voice: try again later.
-                    log.info("reconnect refused: %s: %s", exc.code, exc.message)
+                    # The session itself was refused (hello): the error says if a retry can help.
+                    if not exc.retryable:
+                        self._give_up(exc)
+                        return
+                    log.info("reconnect refused: %s: %s", error_code(exc), exc.message)
                 else:
                     self.reconnects += 1
                     log.info("reconnected (session %s)", self.ready and self.ready.session_id)

@@ -14,6 +14,9 @@ class LivevoiceError(Exception):
 
     code: ClassVar[str] = "internal_error"
     close_code: ClassVar[int | None] = None
+    retryable: ClassVar[bool] = False
+    """Whether the same request, unchanged, may succeed later (after a pause, or in a new
+    session for a :class:`SessionEnded`): clients retry these and give up on the others."""
 
     def __init__(self, message: str, *, message_id: str | None = None) -> None:
         super().__init__(message)
@@ -21,35 +24,47 @@ class LivevoiceError(Exception):
         self.message_id = message_id
 
 
+class RequestRejected(LivevoiceError):
+    """The server refused one request as sent; the session goes on."""
+
+
+class ServerFailure(LivevoiceError):
+    """The server could not do what was asked, through no fault of the request."""
+
+
+class SessionEnded(LivevoiceError):
+    """The server closes the socket after this error, with ``close_code``."""
+
+
 # --- framing and schema -------------------------------------------------------------------------
-class BadJson(LivevoiceError):
+class BadJson(RequestRejected):
     code = "bad_json"
 
 
-class BadMessage(LivevoiceError):
+class BadMessage(RequestRejected):
     """Valid JSON that is not a valid message: missing or mistyped fields."""
 
     code = "bad_message"
 
 
-class UnknownType(LivevoiceError):
+class UnknownType(RequestRejected):
     code = "unknown_type"
 
 
-class UnexpectedBinary(LivevoiceError):
+class UnexpectedBinary(RequestRejected):
     code = "unexpected_binary"
 
 
-class BadAudioFrame(LivevoiceError):
+class BadAudioFrame(RequestRejected):
     code = "bad_audio_frame"
 
 
-class FrameTooLarge(LivevoiceError):
+class FrameTooLarge(SessionEnded):
     code = "frame_too_large"
     close_code = 1009
 
 
-class BadUtf8(LivevoiceError):
+class BadUtf8(SessionEnded):
     """A text frame that is not UTF-8: RFC 6455 requires failing the connection."""
 
     code = "bad_utf8"
@@ -57,146 +72,160 @@ class BadUtf8(LivevoiceError):
 
 
 # --- session state ------------------------------------------------------------------------------
-class HelloRequired(LivevoiceError):
+class HelloRequired(RequestRejected):
     code = "hello_required"
 
 
-class UnexpectedMessage(LivevoiceError):
+class UnexpectedMessage(RequestRejected):
     """A known message that is not allowed in the session's current state."""
 
     code = "unexpected_message"
 
 
-class ClipExpected(LivevoiceError):
+class ClipExpected(RequestRejected):
     code = "clip_expected"
 
 
-class Unauthorized(LivevoiceError):
+class Unauthorized(SessionEnded):
     code = "unauthorized"
     close_code = 4401
 
 
-class HelloTimeout(LivevoiceError):
+class HelloTimeout(SessionEnded):
     code = "hello_timeout"
+    retryable = True
     close_code = 4408
 
 
-class IdleTimeout(LivevoiceError):
+class IdleTimeout(SessionEnded):
     code = "idle_timeout"
+    retryable = True
     close_code = 4410
 
 
-class TooManySessions(LivevoiceError):
+class TooManySessions(SessionEnded):
     code = "too_many_sessions"
+    retryable = True
     close_code = 4429
 
 
-class RateLimited(LivevoiceError):
+class RateLimited(RequestRejected):
     """A per-tenant rate limit tripped; the message is refused, the session goes on."""
 
     code = "rate_limited"
+    retryable = True
 
 
-class Unsupported(LivevoiceError):
+class Unsupported(RequestRejected):
     code = "unsupported"
 
 
 # --- voices ------------------------------------------------------------------------------------
-class NoVoice(LivevoiceError):
+class NoVoice(RequestRejected):
     code = "no_voice"
 
 
-class VoiceNotFound(LivevoiceError):
+class VoiceNotFound(RequestRejected):
     code = "voice_not_found"
 
 
-class VoiceUnavailable(LivevoiceError):
+class VoiceUnavailable(ServerFailure):
     """The voice store (Redis) did not answer: the voice may well exist. Retry; never forget it."""
 
     code = "voice_unavailable"
+    retryable = True
 
 
-class ClipEmpty(LivevoiceError):
+class ClipEmpty(RequestRejected):
     code = "clip_empty"
 
 
-class ClipNotAudio(LivevoiceError):
+class ClipNotAudio(RequestRejected):
     code = "clip_not_audio"
 
 
-class ClipTooShort(LivevoiceError):
+class ClipTooShort(RequestRejected):
     code = "clip_too_short"
 
 
-class ClipTooLong(LivevoiceError):
+class ClipTooLong(RequestRejected):
     code = "clip_too_long"
 
 
-class ClipTooLarge(LivevoiceError):
+class ClipTooLarge(RequestRejected):
     code = "clip_too_large"
 
 
-class ClipSilent(LivevoiceError):
+class ClipSilent(RequestRejected):
     code = "clip_silent"
 
 
-class ClipNotSpeech(LivevoiceError):
+class ClipNotSpeech(RequestRejected):
     """Audio that decodes but is no usable voice: too little speech, clipped solid, a DC offset."""
 
     code = "clip_not_speech"
 
 
-class EncoderFailed(LivevoiceError):
+class EncoderFailed(ServerFailure):
     code = "encoder_failed"
+    retryable = True
 
 
-class EncoderBusy(LivevoiceError):
+class EncoderBusy(ServerFailure):
     """Too many clips are being embedded at once; registering again later succeeds."""
 
     code = "encoder_busy"
+    retryable = True
 
 
-class VoiceFailed(LivevoiceError):
+class VoiceFailed(RequestRejected):
     """A ``speak`` whose voice registration failed."""
 
     code = "voice_failed"
 
 
 # --- speech ------------------------------------------------------------------------------------
-class EmptyText(LivevoiceError):
+class EmptyText(RequestRejected):
     code = "empty_text"
 
 
-class TextTooLong(LivevoiceError):
+class TextTooLong(RequestRejected):
     code = "text_too_long"
 
 
-class QueueFull(LivevoiceError):
+class QueueFull(RequestRejected):
     code = "queue_full"
+    retryable = True
 
 
-class DuplicateId(LivevoiceError):
+class DuplicateId(RequestRejected):
     code = "duplicate_id"
 
 
-class UnsupportedSampleRate(LivevoiceError):
+class UnsupportedSampleRate(RequestRejected):
     code = "unsupported_sample_rate"
 
 
-class SynthesisFailed(LivevoiceError):
+class SynthesisFailed(ServerFailure):
     code = "synthesis_failed"
+    retryable = True
 
 
-class InternalError(LivevoiceError):
+class InternalError(ServerFailure):
     code = "internal_error"
 
 
 def all_codes() -> dict[str, type[LivevoiceError]]:
-    """Every wire code, mapped to its class (the spec test checks SPEC.md lists them all)."""
+    """Every wire code, mapped to its class (the spec test checks SPEC.md lists them all).
+
+    Only classes that name a code of their own count: the base and its three branches are
+    kinds of error, not errors the wire carries.
+    """
     codes: dict[str, type[LivevoiceError]] = {}
     stack: list[type[LivevoiceError]] = [LivevoiceError]
     while stack:
         cls = stack.pop()
-        codes.setdefault(cls.code, cls)
+        if "code" in vars(cls) and cls is not LivevoiceError:
+            codes[cls.code] = cls
         stack.extend(cls.__subclasses__())
     return codes

@@ -15,6 +15,7 @@ import pytest_asyncio
 
 from clients.client import (
     Backoff,
+    ClientClosed,
     ConnectionLost,
     LivevoiceClient,
     Utterance,
@@ -31,6 +32,7 @@ from protocol.errors import (
     EmptyText,
     NoVoice,
     QueueFull,
+    Unauthorized,
     UnsupportedSampleRate,
     VoiceNotFound,
 )
@@ -356,3 +358,35 @@ async def test_say_streams_raw_pcm_to_stdout(server: LiveServer, clip_path: Path
     m = re.search(r"(\d+) samples at 22050 Hz to stdout", stderr.decode())
     assert m, stderr.decode()
     assert len(stdout) == 2 * int(m.group(1)) > 0
+
+
+async def test_a_refused_token_ends_reconnecting() -> None:
+    """The error decides (``retryable``), not a list in the client: ``unauthorized``, here
+    answered at the upgrade with HTTP 401, ends the reconnect loop instead of retrying forever."""
+    from live.tenants import new_token
+
+    alice, bob = new_token("alice"), new_token("bob")
+    async with live_server(tokens=alice[1]) as first:
+        port = first.port
+        c = LivevoiceClient(first.ws_url, token=alice[0], backoff=FAST, timeout=TIMEOUT)
+        await within(c.__aenter__())
+        try:
+            await restart_as(first)
+            # The same port now serves only bob: alice's token is refused at the upgrade.
+            async with live_server(port=port, tokens=bob[1]):
+                with pytest.raises(ClientClosed) as refused:
+                    await within(c.aping())
+                assert isinstance(refused.value.__cause__, Unauthorized)
+                assert c.reconnects == 0
+        finally:
+            await within(c.aclose())
+
+
+async def restart_as(srv: LiveServer) -> None:
+    """Stops a server for good (its port is then free for another)."""
+    assert srv.runner is not None
+    for site in list(srv.runner.sites):
+        await within(site.stop())
+    for ws in list(srv.services.sockets):
+        await within(ws.close())
+    await within(srv.astop())

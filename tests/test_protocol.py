@@ -157,3 +157,23 @@ def test_audio_decoder_never_raises_untyped(data: bytes) -> None:
         assert exc.code == "bad_audio_frame"
     else:
         assert frame.encode() == data
+
+
+def test_every_error_is_one_kind_and_says_if_a_retry_can_help() -> None:
+    """A caller acts on the kind (rejected request, server failure, session ended) and on
+    ``retryable``, never on a list of codes of its own."""
+    from protocol.errors import RequestRejected, ServerFailure, SessionEnded
+
+    codes = all_codes()
+    kinds = (RequestRejected, ServerFailure, SessionEnded)
+    for code, cls in codes.items():
+        assert sum(issubclass(cls, kind) for kind in kinds) == 1, code
+        assert (cls.close_code is not None) == issubclass(cls, SessionEnded), code
+    retryable = {code for code, cls in codes.items() if cls.retryable}
+    assert {"rate_limited", "queue_full", "voice_unavailable", "encoder_busy"} <= retryable
+    assert not {"unauthorized", "voice_not_found", "clip_not_audio", "bad_json"} & retryable
+    assert codes["internal_error"].__name__ == "InternalError"
+    spec = (ROOT / "protocol" / "SPEC.md").read_text()
+    listed = re.search(r"Retryable codes: (.*?)\. The same", spec, re.S)
+    assert listed is not None, "SPEC.md lists the retryable codes"
+    assert set(re.findall(r"`([a-z0-9_]+)`", listed.group(1))) == retryable
