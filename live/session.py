@@ -23,6 +23,7 @@ from protocol.state import SAMPLE_RATES
 
 from .pinned import PinnedVoice
 from .speaker import Speaker
+from .tenants import PUBLIC_TENANT
 from .text import clean_text
 from .transport import Transport, asend_frames
 from .values import Purge
@@ -68,7 +69,7 @@ class Session:
             log=self.log,
             on_ttfa=services.metrics.ttfa_seconds.observe,
         )
-        self.tenant = "public"
+        self.tenant = PUBLIC_TENANT
         self._upgrade_tenant = tenant
         """The tenant a token in the HTTP upgrade authenticated (None: hello must carry one)."""
         self._counted = False
