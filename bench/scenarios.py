@@ -819,7 +819,9 @@ async def arun_outage(ctx: BenchContext, sizes: OutageSizes, deadline: float) ->
     before = [state for t, state in transitions if t < restart_begin]
     if closed_again is None and (not before or before[-1] == "closed"):
         closed_again = restart_begin  # it was closed when Redis came back: nothing to wait for
-    reopened = sum(1 for t, state in after_restart if state == "open")
+    # Re-opened once Redis answered again (start() returns after a PING): a probe that fails
+    # while redis-server is still starting is the breaker doing its job, not a flap.
+    reopened = sum(1 for t, state in after_restart if state == "open" and t >= restart)
     last_closed = next((t for t, state in reversed(after_restart) if state == "closed"), None)
     if last_closed is None and not after_restart:
         last_closed = closed_again
