@@ -236,6 +236,12 @@ async def test_dropped_socket_reconnects_and_repins_by_voice_use(
 
 async def restart(srv: LiveServer) -> None:
     """Stops the server and starts a new one on the same port (a fresh process's state)."""
+    await stop(srv)
+    await within(srv.astart())
+
+
+async def stop(srv: LiveServer) -> None:
+    """Stops a server; its port is then free (for itself again, or another)."""
     assert srv.runner is not None
     # Stop listening first, then close the sockets: aiohttp's graceful shutdown would otherwise
     # wait out its timeout on the open WebSocket handlers (the app closes them only on cleanup).
@@ -244,7 +250,6 @@ async def restart(srv: LiveServer) -> None:
     for ws in list(srv.services.sockets):
         await within(ws.close())
     await within(srv.astop())
-    await within(srv.astart())
 
 
 async def test_server_restart_reuploads_the_kept_clip(clip: bytes) -> None:
@@ -371,7 +376,7 @@ async def test_a_refused_token_ends_reconnecting() -> None:
         c = LivevoiceClient(first.ws_url, token=alice[0], backoff=FAST, timeout=TIMEOUT)
         await within(c.__aenter__())
         try:
-            await restart_as(first)
+            await stop(first)
             # The same port now serves only bob: alice's token is refused at the upgrade.
             async with live_server(port=port, tokens=bob[1]):
                 with pytest.raises(ClientClosed) as refused:
@@ -380,13 +385,3 @@ async def test_a_refused_token_ends_reconnecting() -> None:
                 assert c.reconnects == 0
         finally:
             await within(c.aclose())
-
-
-async def restart_as(srv: LiveServer) -> None:
-    """Stops a server for good (its port is then free for another)."""
-    assert srv.runner is not None
-    for site in list(srv.runner.sites):
-        await within(site.stop())
-    for ws in list(srv.services.sockets):
-        await within(ws.close())
-    await within(srv.astop())
