@@ -203,6 +203,15 @@ async def _achat(args: argparse.Namespace) -> int:
 
     async with LivevoiceClient(args.server, token=args.token, timeout=args.timeout) as client:
         await _apin_voice(client, args, clip, progress)
+        if raw_out is None:
+            # Said whether or not stderr is a terminal: the command plays nothing by itself.
+            formats = client.ready.formats if client.ready else {}
+            rate = args.sample_rate or formats.get("default_sample_rate", 22050)
+            print(
+                "livevoice chat plays no audio itself: each message is synthesized and its "
+                f"figures printed. To hear them: --raw | aplay -q -f S16_LE -c 1 -r {rate}",
+                file=sys.stderr,
+            )
         player = asyncio.create_task(play())
         n = 0
         try:

@@ -338,6 +338,21 @@ async def test_chat_speaks_each_stdin_line(server: LiveServer, clip_path: Path) 
     spoken = re.findall(r"^\[(\d)\] spoken [\d.]+ s, (\d+) samples at 22050 Hz", err, re.M)
     assert [n for n, _ in spoken] == ["1", "2", "3"], err
     assert len(stdout) == 2 * sum(int(s) for _, s in spoken) > 0
+    assert "plays no audio" not in err  # --raw: the PCM is the output
+
+
+async def test_chat_without_raw_says_it_plays_nothing(server: LiveServer, clip_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "live.cli", "chat", "--server", server.ws_url),
+        *("--voice", str(clip_path)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    stdout, stderr = await within(proc.communicate(b"Hello there.\n"), 60)
+    assert proc.returncode == 0 and stdout == b""
+    assert "plays no audio itself" in stderr.decode() and "-r 22050" in stderr.decode()
 
 
 async def test_say_streams_raw_pcm_to_stdout(server: LiveServer, clip_path: Path) -> None:
