@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from aiohttp import WSCloseCode, web
 
+from .channels import ChannelHub, LocalChannels
 from .connections import Lobby
 from .embedded import EmbeddedRedis
 from .metrics import Metrics
@@ -87,6 +88,8 @@ class Services:
     sockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
     """Open session sockets, closed on shutdown before aiohttp waits for their handlers."""
     checks: tuple[ReadinessCheck, ...] = ()
+    channels: ChannelHub | None = None
+    """The tenants' channels (``channel.join``); None: this app serves none."""
 
     async def aclose_sockets(self) -> None:
         """Close every session's socket (on shutdown, before aiohttp waits for handlers)."""
@@ -179,6 +182,13 @@ async def aservices(
             metrics=metrics,
             max_encoder_jobs=settings.limits.max_encoder_jobs,
         )
+        channels = LocalChannels(
+            engine,
+            frame_ms=settings.frame_ms,
+            max_message_audio_s=settings.limits.max_message_audio_s,
+            max_queue=settings.limits.max_queue,
+        )
+        stack.push_async_callback(close_logged, "channels", channels.aclose)
         services = Services(
             settings,
             metrics,
@@ -189,6 +199,7 @@ async def aservices(
             tenants=TenantDirectory.from_config(settings.tokens, settings.tokens_file),
             tenant_limits=TenantLimits(settings.limits),
             lobby=Lobby(settings.max_unauthenticated),
+            channels=channels,
             checks=tuple(checks),
         )
         stack.push_async_callback(close_logged, "session sockets", services.aclose_sockets)

@@ -17,10 +17,29 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from protocol import LivevoiceError, ServerProtocol, SessionState
-from protocol.errors import HelloTimeout, IdleTimeout, InternalError, Unauthorized
-from protocol.messages import Hello, Speak, VoiceDelete, VoiceUse
-from protocol.state import SAMPLE_RATES
+from protocol.errors import (
+    HelloTimeout,
+    IdleTimeout,
+    InternalError,
+    ListenerTooSlow,
+    Unauthorized,
+    Unsupported,
+)
+from protocol.messages import (
+    Cancel,
+    ChannelClear,
+    ChannelJoin,
+    ChannelPause,
+    ChannelResume,
+    ChannelSkip,
+    Hello,
+    Speak,
+    VoiceDelete,
+    VoiceUse,
+)
+from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES
 
+from .channels import Channel, ChannelMessage, Seat
 from .pinned import PinnedVoice
 from .speaker import Speaker
 from .tenants import PUBLIC_TENANT
@@ -77,6 +96,9 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.seat: Seat | None = None
+        """This session's place in its channel, once it joined one."""
+        self.channel: Channel | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
     async def arun(self) -> None:
@@ -89,6 +111,8 @@ class Session:
             await self._aread()
         finally:
             metrics.sessions.dec()
+            if self.channel is not None and self.seat is not None:
+                self.channel.leave(self.seat)
             store.purge_listeners.discard(self._on_purge)
             if self._counted:
                 self.services.tenant_limits.close_session(self.tenant)
@@ -188,7 +212,11 @@ class Session:
             self._hello(message)
         elif isinstance(message, Speak):
             self.services.tenant_limits.take_speak(self.tenant, message.id)
-            self.protocol.accept_speak(message)
+            self._admit(message)
+        elif isinstance(message, ChannelJoin):
+            self._join(message)
+        elif isinstance(message, (*CHANNEL_CONTROLS, Cancel)):
+            self._control(message)
         elif isinstance(message, VoiceUse):
             request = self.protocol.newest_voice_request
             assert request is not None
@@ -227,6 +255,62 @@ class Session:
             frame_ms=settings.frame_ms,
         )
 
+    # --- channels ---------------------------------------------------------------------------
+    def _join(self, join: ChannelJoin) -> None:
+        hub = self.services.channels
+        if hub is None:
+            raise Unsupported("this server serves no channels", message_id=join.id)
+        membership = self.protocol.join_channel(join, sample_rate=self.services.engine.sample_rate)
+        self.seat = Seat(
+            self.protocol,
+            membership,
+            flush=self._aflush,
+            kick=lambda: self._spawn(self._aflush()),
+            on_cut_loose=self._cut_loose,
+        )
+        self.channel = hub.join(self.tenant, join.channel, self.seat)
+        self.log.info("joined channel %s to %s", join.channel, join.role)
+
+    def _admit(self, speak: Speak) -> None:
+        """A speak the protocol and the tenant's limits admitted: into this session's queue, or
+        its channel's (R13), where its voice resolves beside the queue."""
+        if self.channel is None or self.seat is None:
+            self.protocol.accept_speak(speak)
+            return
+        position = self.channel.admit(speak.id)
+        job = self.protocol.accept_speak(speak, position=position)
+        voice = asyncio.ensure_future(self.voice.avoice_of(self.protocol, job))
+        voice.add_done_callback(_retrieved)
+        self.channel.put(ChannelMessage(self.seat, job, voice, user=speak.user, kind=speak.kind))
+
+    def _control(
+        self, message: ChannelPause | ChannelResume | ChannelSkip | ChannelClear | Cancel
+    ) -> None:
+        """The protocol checked the role (R13); a cancel also reaches this session's own
+        messages in its channel."""
+        channel, seat = self.channel, self.seat
+        if channel is None or seat is None:
+            return  # a cancel outside a channel: the protocol handled it
+        if isinstance(message, Cancel):
+            if seat.membership.speaks:
+                channel.cancel(seat, message.id)
+        elif isinstance(message, ChannelPause):
+            channel.pause()
+        elif isinstance(message, ChannelResume):
+            channel.resume()
+        elif isinstance(message, ChannelSkip):
+            channel.skip()
+        else:
+            channel.clear()
+
+    def _cut_loose(self) -> None:
+        """The channel let this listener go (it fell too far behind): say so and close; the
+        session's send waits for the client alone, never for the channel."""
+        self.protocol.reject(
+            ListenerTooSlow("this listener fell too far behind its channel; join again")
+        )
+        self._spawn(self._aflush())
+
     def _on_purge(self, purge: Purge) -> None:
         """A voice was deleted, here or on another server (R6). Matched by tenant and voice id,
         never by content: another tenant deleting the same audio deletes their voice, not ours.
@@ -238,3 +322,10 @@ class Session:
             self.voice.release()
             self.speaker.wake()
             self._spawn(self._aflush())  # the frames R6 queued
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A channel message's voice that failed after the message was dropped is not an error
+    nobody saw: the message's own ending said what happened."""
+    if not future.cancelled():
+        future.exception()

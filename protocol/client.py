@@ -25,6 +25,9 @@ from .messages import (
     AudioStart,
     Cancel,
     Cancelled,
+    ChannelJoin,
+    ChannelJoined,
+    ChannelState,
     Error,
     Hello,
     Message,
@@ -104,6 +107,8 @@ class SpeechAudio(Event):
     id: str
     pcm: bytes
     """Signed 16-bit little-endian mono samples, the next ones of the message."""
+    channel: str | None = None
+    """Set for a channel's message heard as a listener."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,33 @@ class VoiceLost(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelJoinAnswered(Event):
+    """``channel.joined``, or the ``error`` answering a ``channel.join``."""
+
+    joined: ChannelJoined | None
+    error: LivevoiceError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHeardStarted(Event):
+    """A channel's message starts for this listener: what to show beside it (``start``)."""
+
+    start: AudioStart
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHeardEnded(Event):
+    """A channel's message ended for this listener (``end.cancelled``: skipped or cancelled)."""
+
+    end: AudioEnd
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStateChanged(Event):
+    state: ChannelState
+
+
+@dataclass(frozen=True, slots=True)
 class PongReceived(Event):
     id: str | None
 
@@ -165,6 +197,8 @@ class Unmatched(Event):
 @dataclass(slots=True, eq=False)
 class _Speech:
     id: str
+    channel: str | None = None
+    """Set for a channel's message heard as a listener (not one of this client's speaks)."""
     queued: bool = False
     stream: int | None = None
     sample_rate: int | None = None
@@ -189,6 +223,8 @@ class ClientProtocol:
         self._speeches: dict[str, _Speech] = {}
         self._streams: dict[int, _Speech] = {}
         self._voice_calls: dict[str, _VoiceCall] = {}
+        self._joins: set[str] = set()
+        """Ids of ``channel.join`` requests in flight."""
         self._request_ids = itertools.count(1)
 
     # --- requests out -------------------------------------------------------------------------
@@ -247,6 +283,8 @@ class ClientProtocol:
             self._hello_pending = True
         elif isinstance(message, Speak):
             self._speeches.setdefault(message.id, _Speech(message.id))
+        elif isinstance(message, ChannelJoin) and message.id:
+            self._joins.add(message.id)
         elif isinstance(message, VoiceRegister | VoiceUse | VoiceDelete) and message.id:
             answers = (VoiceDeleted,) if isinstance(message, VoiceDelete) else (VoiceReady,)
             self._voice_calls.setdefault(message.id, _VoiceCall(message, answers))
@@ -264,6 +302,7 @@ class ClientProtocol:
         elif isinstance(message, Hello):
             self.send_hello(message)
         else:
+            self.track(message)
             self._out.append(encode(message))
 
     def _with_id(self, message: _M) -> _M:
@@ -292,6 +331,7 @@ class ClientProtocol:
         self._speeches.clear()
         self._streams.clear()
         self._voice_calls.clear()
+        self._joins.clear()
 
     # --- frames in ----------------------------------------------------------------------------
     def receive_text(self, frame: str | bytes) -> Event:
@@ -303,8 +343,16 @@ class ClientProtocol:
             return SessionReady(message, message)
         if isinstance(message, Error):
             return self._on_error(message)
+        if isinstance(message, AudioStart | AudioEnd) and message.channel is not None:
+            return self._on_heard(message)
         if isinstance(message, Queued | AudioStart | AudioEnd | Cancelled):
             return self._on_speech(message)
+        if isinstance(message, ChannelJoined):
+            if message.id is not None:
+                self._joins.discard(message.id)
+            return ChannelJoinAnswered(message, message)
+        if isinstance(message, ChannelState):
+            return ChannelStateChanged(message, message)
         if isinstance(message, VoiceReady | VoiceDeleted):
             return self._on_voice(message)
         if isinstance(message, Pong):
@@ -328,7 +376,30 @@ class ClientProtocol:
             )
         speech.frames += 1
         speech.samples += len(audio.pcm) // 2
-        return SpeechAudio(audio, speech.id, audio.pcm)
+        return SpeechAudio(audio, speech.id, audio.pcm, speech.channel)
+
+    def _on_heard(self, message: AudioStart | AudioEnd) -> Event:
+        """A channel's message heard as a listener: matched by stream, never by id (the id is
+        its producer's)."""
+        if isinstance(message, AudioStart):
+            self._streams[message.stream] = _Speech(
+                message.id, message.channel, True, message.stream, message.sample_rate
+            )
+            return ChannelHeardStarted(message, message)
+        heard = self._streams.pop(message.stream, None)
+        if heard is None or heard.channel is None:
+            return Unmatched(message, f"audio.end for unknown stream {message.stream}")
+        if message.frames != heard.frames or message.samples != heard.samples:
+            return SpeechFailed(
+                message,
+                heard.id,
+                BadAudioFrame(
+                    f"audio.end announces {message.frames} frames / {message.samples} samples, "
+                    f"received {heard.frames} / {heard.samples}",
+                    message_id=heard.id,
+                ),
+            )
+        return ChannelHeardEnded(message, message)
 
     def _on_speech(self, message: Queued | AudioStart | AudioEnd | Cancelled) -> Event:
         speech = self._speeches.get(message.id)
@@ -375,6 +446,9 @@ class ClientProtocol:
                 return self._fail(speech, message, exc)
             if self._voice_calls.pop(message.id, None) is not None:
                 return VoiceRequestFailed(message, message.id, exc)
+            if message.id in self._joins:
+                self._joins.discard(message.id)
+                return ChannelJoinAnswered(message, None, exc)
         if self._hello_pending:
             self._hello_pending = False
             return HelloRefused(message, exc)

@@ -211,6 +211,29 @@ class SynthesisFailed(ServerFailure):
     retryable = True
 
 
+# --- channels ----------------------------------------------------------------------------------
+class BadChannel(RequestRejected):
+    """A channel name outside its alphabet (1 to 64 of ``A-Z a-z 0-9 _ - .``)."""
+
+    code = "bad_channel"
+
+
+class NotASpeaker(RequestRejected):
+    """A ``speak`` or queue control from a session that has not joined a channel to speak
+    (a listener, or a control without a channel)."""
+
+    code = "not_a_speaker"
+
+
+class ListenerTooSlow(SessionEnded):
+    """A listener fell further behind the channel than its buffer holds: cut loose, so it never
+    slows the channel. Reconnect and join again."""
+
+    code = "listener_too_slow"
+    retryable = True
+    close_code = 4413
+
+
 class InternalError(ServerFailure):
     code = "internal_error"
 

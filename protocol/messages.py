@@ -136,7 +136,57 @@ class Speak(Message):
     """Client-chosen message id, unique among this session's queued messages."""
     text: str
     sample_rate: int | None = None
-    """Output rate: the engine's native rate when absent, else one of ``ready.formats``."""
+    """Output rate: the engine's native rate when absent, else one of ``ready.formats``. In a
+    channel the listeners' rates apply (``channel.join``) and this one is not used."""
+    user: str | None = None
+    """Display name of who wrote the message (a chat user); passed through to listeners."""
+    kind: str | None = None
+    """What the message is (``chat``, ``sub``, ``bits``, ``raid``, ``redeem``...); passed through
+    to listeners."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelJoin(Message):
+    """Joins the tenant's channel ``channel`` (one per session): speak, listen or both."""
+
+    TYPE: ClassVar[str] = "channel.join"
+    channel: str
+    role: str
+    """``speak`` (sends ``speak`` and the queue controls), ``listen`` (receives the channel's
+    audio and events) or ``both``."""
+    sample_rate: int | None = None
+    """The rate this listener hears the channel at: the engine's native rate when absent."""
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelPause(Message):
+    """Holds the channel's queue after the current message."""
+
+    TYPE: ClassVar[str] = "channel.pause"
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelResume(Message):
+    TYPE: ClassVar[str] = "channel.resume"
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSkip(Message):
+    """Stops the message being spoken now; the next one follows (unless paused)."""
+
+    TYPE: ClassVar[str] = "channel.skip"
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClear(Message):
+    """Drops every message waiting in the channel (the current one plays on)."""
+
+    TYPE: ClassVar[str] = "channel.clear"
+    id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +269,14 @@ class AudioStart(Message):
     sample_rate: int
     channels: int = 1
     encoding: str = "s16le"
+    channel: str | None = None
+    """Set for a channel's message heard as a listener; the fields below come with it."""
+    text: str | None = None
+    """The text as spoken (after cleaning)."""
+    voice: str | None = None
+    """The id of the voice it is spoken in."""
+    user: str | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +294,27 @@ class AudioEnd(Message):
     truncated: bool = False
     """True when the message reached the server's cap on audio per message
     (``max_message_audio_s``): the rest of its text was not spoken."""
+    channel: str | None = None
+    """Set on a listener's stream of a channel's message (as in its ``audio.start``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelJoined(Message):
+    TYPE: ClassVar[str] = "channel.joined"
+    channel: str
+    role: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelState(Message):
+    """The channel's queue changed: sent to every member."""
+
+    TYPE: ClassVar[str] = "channel.state"
+    channel: str
+    waiting: int
+    """Messages waiting, not counting the one being spoken."""
+    paused: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,9 +341,35 @@ class Error(Message):
 
 
 CLIENT_MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Hello, VoiceRegister, VoiceUse, VoiceDelete, Speak, Cancel, Ping)
+    m.TYPE: m
+    for m in (
+        Hello,
+        VoiceRegister,
+        VoiceUse,
+        VoiceDelete,
+        Speak,
+        Cancel,
+        Ping,
+        ChannelJoin,
+        ChannelPause,
+        ChannelResume,
+        ChannelSkip,
+        ChannelClear,
+    )
 }
 SERVER_MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
-    for m in (Ready, VoiceReady, VoiceDeleted, Queued, AudioStart, AudioEnd, Cancelled, Pong, Error)
+    for m in (
+        Ready,
+        VoiceReady,
+        VoiceDeleted,
+        Queued,
+        AudioStart,
+        AudioEnd,
+        Cancelled,
+        Pong,
+        Error,
+        ChannelJoined,
+        ChannelState,
+    )
 }

@@ -40,12 +40,27 @@ The rules, numbered so code and tests can name them:
   ``error`` carrying its id. Nothing is sent for it after that.
 - **R11 errors.** No rejection changes the state except where R2, R4 and R6 say so; an error
   with a close code (``LivevoiceError.close_code``) is the last frame: the session closes.
+- **R12 join.** ``channel.join`` names a channel (1 to 64 of ``A-Z a-z 0-9 _ - .``, else
+  ``bad_channel``), a role (``speak``, ``listen``, ``both``, else ``unsupported``) and, for a
+  listener, a sample rate (``unsupported_sample_rate``). A session joins at most one channel
+  (a second join is ``unexpected_message``); joined, it is answered ``channel.joined``. A
+  session that joins nothing is bound by R1 to R11 alone.
+- **R13 speakers.** In a channel, ``speak`` and the queue controls need the speak role (else
+  ``not_a_speaker``; a control outside a channel is ``not_a_speaker`` too). A speaker's admitted
+  speak goes to the channel's queue: R7 holds (its ``queue_full`` is the channel's), ``queued``
+  carries its place in the channel, and it ends once (R10) on the producer's session: ``cancelled``
+  before its audio started, an ``error``, or ``audio.end`` with ``stream: 0`` and no frames —
+  its completion without the audio, which only listeners get.
+- **R14 listeners.** A listener hears each channel message as a stream of its own session (R8's
+  numbering): ``audio.start`` with ``channel``, ``text``, ``voice``, ``user`` and ``kind``, its
+  frames, and ``audio.end`` with ``channel``; and ``channel.state`` whenever the queue changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +68,7 @@ from typing import Any
 
 from .codec import AudioFrame, decode_client, encode
 from .errors import (
+    BadChannel,
     ClipEmpty,
     ClipExpected,
     ClipTooLarge,
@@ -60,6 +76,7 @@ from .errors import (
     EmptyText,
     HelloRequired,
     LivevoiceError,
+    NotASpeaker,
     NoVoice,
     QueueFull,
     TextTooLong,
@@ -75,6 +92,13 @@ from .messages import (
     AudioStart,
     Cancel,
     Cancelled,
+    ChannelClear,
+    ChannelJoin,
+    ChannelJoined,
+    ChannelPause,
+    ChannelResume,
+    ChannelSkip,
+    ChannelState,
     Error,
     Hello,
     Message,
@@ -93,6 +117,41 @@ from .messages import (
 CLIP_FORMATS = ("wav", "flac", "ogg", "mp3")
 SAMPLE_RATES = (16000, 22050, 24000, 48000)
 """Output rates a ``speak`` may ask for (``ready.formats.sample_rates``)."""
+
+
+ROLES = ("speak", "listen", "both")
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CHANNEL_CONTROLS = (ChannelPause, ChannelResume, ChannelSkip, ChannelClear)
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """The channel this session joined (R12)."""
+
+    channel: str
+    role: str
+    sample_rate: int | None = None
+
+    @property
+    def speaks(self) -> bool:
+        return self.role in ("speak", "both")
+
+    @property
+    def listens(self) -> bool:
+        return self.role in ("listen", "both")
+
+
+@dataclass(slots=True, eq=False)
+class ListenStream:
+    """One channel message as a listener hears it: a stream of the listener's session (R14)."""
+
+    id: str
+    channel: str
+    stream: int
+    sample_rate: int
+    frames: int = 0
+    samples: int = 0
+    ended: bool = False
 
 
 class SessionState(enum.Enum):
@@ -184,6 +243,10 @@ class ServerProtocol:
         self.pinned_voice_id: str | None = None
         """The voice id pinned last: purges are matched by it, never by content (R6)."""
         self._deletes: list[PendingDelete] = []
+        self.membership: Membership | None = None
+        """The channel joined (R12); None: the session is on its own."""
+        self._channel_jobs: dict[str, SpeakJob] = {}
+        """This session's speaks in its channel's queue, until each ends (R13)."""
         self._waiting: deque[SpeakJob] = deque()
         self.current: SpeakJob | None = None
         self._streams = 0
@@ -269,7 +332,18 @@ class ServerProtocol:
         elif isinstance(message, VoiceDelete):
             self._deletes.append(PendingDelete(message))
         elif isinstance(message, Speak):
+            if self.membership is not None and not self.membership.speaks:  # R13
+                raise NotASpeaker(
+                    "this session joined its channel to listen", message_id=message.id
+                )
             return self._check_speak(message)
+        elif isinstance(message, ChannelJoin):
+            self._check_join(message)
+        elif isinstance(message, CHANNEL_CONTROLS):
+            if self.membership is None or not self.membership.speaks:  # R13
+                raise NotASpeaker(
+                    f"{message.TYPE} needs a channel joined to speak", message_id=message.id
+                )
         elif isinstance(message, Cancel):
             self.cancel(message.id)
         elif isinstance(message, Ping):
@@ -401,8 +475,10 @@ class ServerProtocol:
         text = self.clean_text(speak.text)
         if not text:
             raise EmptyText("nothing speakable in this text", message_id=speak.id)
-        if (self.current is not None and self.current.id == speak.id) or any(
-            j.id == speak.id for j in self._waiting
+        if (
+            (self.current is not None and self.current.id == speak.id)
+            or any(j.id == speak.id for j in self._waiting)
+            or speak.id in self._channel_jobs
         ):
             raise DuplicateId(
                 f"message id {speak.id[:64]!r} is already queued", message_id=speak.id
@@ -414,14 +490,141 @@ class ServerProtocol:
             )
         return speak if text == speak.text else dataclasses.replace(speak, text=text)
 
-    def accept_speak(self, speak: Speak) -> SpeakJob:
+    def accept_speak(self, speak: Speak, *, position: int | None = None) -> SpeakJob:
         """Admit a speak ``receive_text`` returned (the server's own checks, such as a rate
-        limit, passed): answer ``queued`` (R7)."""
+        limit, passed): answer ``queued`` (R7). In a channel (R13) the job goes to the channel's
+        queue, not this session's, and ``position`` is its place there."""
         assert self._voice is not None, "receive_text checked the voice"
         job = SpeakJob(speak.id, speak.text, speak.sample_rate, self._voice)
+        if self.membership is not None:
+            assert position is not None, "a channel speak is placed by its channel"
+            self._channel_jobs[job.id] = job
+            self._send(Queued(id=job.id, position=position))
+            return job
         self._send(Queued(id=job.id, position=self.ahead_of_next()))
         self._waiting.append(job)
         return job
+
+    # --- channels (R12, R13, R14) -------------------------------------------------------------
+    def _check_join(self, join: ChannelJoin) -> None:
+        if self.membership is not None:
+            raise UnexpectedMessage(
+                f"this session already joined channel {self.membership.channel!r}",
+                message_id=join.id,
+            )
+        if not CHANNEL_NAME.fullmatch(join.channel):
+            raise BadChannel("channel: 1-64 letters, digits, '_', '-' or '.'", message_id=join.id)
+        if join.role not in ROLES:
+            raise Unsupported(f"role must be one of {', '.join(ROLES)}", message_id=join.id)
+        if join.sample_rate is not None and join.sample_rate not in self.sample_rates:
+            raise UnsupportedSampleRate(
+                f"sample_rate must be one of {', '.join(map(str, self.sample_rates))}",
+                message_id=join.id,
+            )
+
+    def join_channel(self, join: ChannelJoin, *, sample_rate: int) -> Membership:
+        """The server seated the session in the channel ``receive_text`` checked: answer
+        ``channel.joined`` (R12). ``sample_rate``: what a listener hears at."""
+        self.membership = Membership(join.channel, join.role, join.sample_rate or sample_rate)
+        self._send(ChannelJoined(channel=join.channel, role=join.role, id=join.id))
+        return self.membership
+
+    def channel_job(self, message_id: str) -> SpeakJob | None:
+        """This session's channel speak ``message_id``, until it ended."""
+        return self._channel_jobs.get(message_id)
+
+    @property
+    def channel_jobs(self) -> list[SpeakJob]:
+        return list(self._channel_jobs.values())
+
+    def channel_spoken(
+        self, job: SpeakJob, *, duration_ms: float, ttfa_ms: float, truncated: bool = False
+    ) -> None:
+        """The producer's completion of a channel message whose audio went to the listeners:
+        ``audio.end`` with ``stream: 0`` and no frames (R13)."""
+        if job.ended:
+            return
+        end = AudioEnd(
+            id=job.id,
+            stream=0,
+            frames=0,
+            samples=0,
+            duration_ms=duration_ms,
+            ttfa_ms=ttfa_ms,
+            cancelled=job.cancelled,
+            truncated=truncated,
+        )
+        self._end(job, end, "cancelled" if job.cancelled else "spoken")
+
+    def channel_dropped(self, job: SpeakJob) -> None:
+        """A channel message ended before its audio started: ``cancelled`` (R9, R13)."""
+        if not job.ended:
+            job.cancelled = True
+            self._end(job, Cancelled(id=job.id), "cancelled")
+
+    def listen_start(
+        self,
+        *,
+        id: str,
+        text: str,
+        voice: str | None,
+        user: str | None,
+        kind: str | None,
+    ) -> ListenStream | None:
+        """A channel message starts for this listener: its ``audio.start`` on the next stream
+        (R14, R8). None when the session is not a listener."""
+        member = self.membership
+        if member is None or not member.listens or member.sample_rate is None:
+            return None
+        self._streams += 1
+        heard = ListenStream(id, member.channel, self._streams, member.sample_rate)
+        self._send(
+            AudioStart(
+                id=id,
+                stream=heard.stream,
+                sample_rate=heard.sample_rate,
+                channel=member.channel,
+                text=text,
+                voice=voice,
+                user=user,
+                kind=kind,
+            )
+        )
+        return heard
+
+    def listen_audio(self, heard: ListenStream, pcm: bytes) -> None:
+        if heard.ended:
+            return
+        self._send_audio(AudioFrame(heard.stream, heard.frames, pcm))
+        heard.frames += 1
+        heard.samples += len(pcm) // 2
+
+    def listen_end(
+        self, heard: ListenStream, *, ttfa_ms: float, cancelled: bool, truncated: bool = False
+    ) -> None:
+        if heard.ended:
+            return
+        heard.ended = True
+        self._send(
+            AudioEnd(
+                id=heard.id,
+                stream=heard.stream,
+                frames=heard.frames,
+                samples=heard.samples,
+                duration_ms=round(heard.samples * 1000 / heard.sample_rate, 3),
+                ttfa_ms=ttfa_ms,
+                cancelled=cancelled,
+                truncated=truncated,
+                channel=heard.channel,
+            )
+        )
+
+    def channel_state(self, *, waiting: int, paused: bool) -> None:
+        """The channel's queue changed (R14)."""
+        if self.membership is not None:
+            self._send(
+                ChannelState(channel=self.membership.channel, waiting=waiting, paused=paused)
+            )
 
     def ahead_of_next(self) -> int:
         """How many messages a newly admitted one would wait behind."""
@@ -430,7 +633,12 @@ class ServerProtocol:
     @property
     def busy(self) -> bool:
         """A message is being spoken or waits: the client is listening, not idling."""
-        return self.current is not None or bool(self._waiting)
+        return (
+            self.current is not None
+            or bool(self._waiting)
+            or bool(self._channel_jobs)
+            or (self.membership is not None and self.membership.listens)
+        )
 
     def cancel(self, message_id: str | None) -> list[SpeakJob]:
         """Drop waiting messages (``cancelled`` each) and stop the current one (R9); the
@@ -505,5 +713,7 @@ class ServerProtocol:
         job.ended = True
         if self.current is job:
             self.current = None
+        if self._channel_jobs.get(job.id) is job:
+            del self._channel_jobs[job.id]
         self._send(message)
         self._ended.append((job, outcome))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from protocol import AudioFrame, ClipUpload, LivevoiceError, ServerProtocol, decode_server, encode
 from protocol.errors import all_codes
-from protocol.messages import CLIENT_MESSAGES, SERVER_MESSAGES, Message, Speak
+from protocol.messages import CLIENT_MESSAGES, SERVER_MESSAGES, ChannelJoin, Message, Speak
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = json.loads((ROOT / "protocol" / "vectors" / "v1.json").read_text())
@@ -21,11 +21,14 @@ VECTORS = json.loads((ROOT / "protocol" / "vectors" / "v1.json").read_text())
 
 def _feed(proto: ServerProtocol, frame: dict[str, Any]) -> Any:
     """One frame, as the server's I/O layer feeds it: every speak the core returns is admitted
-    (no rate limit here)."""
+    (no rate limit here), every channel.join seated."""
     if "text" in frame:
         message = proto.receive_text(frame["text"])
         if isinstance(message, Speak):
-            proto.accept_speak(message)
+            channel = proto.membership is not None
+            proto.accept_speak(message, position=len(proto.channel_jobs) if channel else None)
+        elif isinstance(message, ChannelJoin):
+            proto.join_channel(message, sample_rate=22050)
         return message
     return proto.receive_binary(b"\x01" * frame["binary_len"])
 

@@ -33,9 +33,20 @@ export const CLIENT_MESSAGES = {
   "voice.register": [F("name", "str"), F("format", "str"), F("id", "str")],
   "voice.use": [F("voice_id", "str", true), F("id", "str")],
   "voice.delete": [F("voice_id", "str", true), F("id", "str")],
-  speak: [F("id", "str", true), F("text", "str", true), F("sample_rate", "int")],
+  speak: [
+    F("id", "str", true),
+    F("text", "str", true),
+    F("sample_rate", "int"),
+    F("user", "str"),
+    F("kind", "str"),
+  ],
   cancel: [F("id", "str")],
   ping: [F("id", "str")],
+  "channel.join": [F("channel", "str", true), F("role", "str", true), F("sample_rate", "int"), F("id", "str")],
+  "channel.pause": [F("id", "str")],
+  "channel.resume": [F("id", "str")],
+  "channel.skip": [F("id", "str")],
+  "channel.clear": [F("id", "str")],
 };
 
 export const SERVER_MESSAGES = {
@@ -62,6 +73,12 @@ export const SERVER_MESSAGES = {
     F("sample_rate", "int", true),
     F("channels", "int", false, () => 1),
     F("encoding", "str", false, () => "s16le"),
+    // A channel's message heard as a listener:
+    F("channel", "str"),
+    F("text", "str"),
+    F("voice", "str"),
+    F("user", "str"),
+    F("kind", "str"),
   ],
   "audio.end": [
     F("id", "str", true),
@@ -72,10 +89,13 @@ export const SERVER_MESSAGES = {
     F("ttfa_ms", "float", true),
     F("cancelled", "bool", false, () => false),
     F("truncated", "bool", false, () => false),
+    F("channel", "str"),
   ],
   cancelled: [F("id", "str", true)],
   pong: [F("id", "str")],
   error: [F("code", "str", true), F("message", "str", true), F("id", "str")],
+  "channel.joined": [F("channel", "str", true), F("role", "str", true), F("id", "str")],
+  "channel.state": [F("channel", "str", true), F("waiting", "int", true), F("paused", "bool", true)],
 };
 
 /** Every error code in SPEC.md. */
@@ -86,7 +106,7 @@ export const ERROR_CODES = [
   "voice_not_found", "voice_unavailable", "clip_empty", "clip_not_audio", "clip_silent", "clip_too_short",
   "clip_too_long", "clip_too_large", "clip_not_speech", "encoder_failed", "encoder_busy", "voice_failed",
   "empty_text", "text_too_long", "queue_full", "duplicate_id",
-  "unsupported_sample_rate", "synthesis_failed", "internal_error",
+  "unsupported_sample_rate", "synthesis_failed", "bad_channel", "not_a_speaker", "listener_too_slow", "internal_error",
 ];
 
 const isObject = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
@@ -169,7 +189,14 @@ export const hello = ({ token, client, protocol = PROTOCOL_VERSION } = {}) => en
 export const voiceRegister = ({ name, format, id } = {}) => encode({ type: "voice.register", name, format, id });
 export const voiceUse = (voiceId, { id } = {}) => encode({ type: "voice.use", voice_id: voiceId, id });
 export const voiceDelete = (voiceId, { id } = {}) => encode({ type: "voice.delete", voice_id: voiceId, id });
-export const speak = (id, text, { sampleRate } = {}) => encode({ type: "speak", id, text, sample_rate: sampleRate });
+export const speak = (id, text, { sampleRate, user, kind } = {}) =>
+  encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind });
+export const channelJoin = (channel, role, { sampleRate, id } = {}) =>
+  encode({ type: "channel.join", channel, role, sample_rate: sampleRate, id });
+export const channelPause = (id) => encode({ type: "channel.pause", id });
+export const channelResume = (id) => encode({ type: "channel.resume", id });
+export const channelSkip = (id) => encode({ type: "channel.skip", id });
+export const channelClear = (id) => encode({ type: "channel.clear", id });
 export const cancel = (id) => encode({ type: "cancel", id });
 export const ping = (id) => encode({ type: "ping", id });
 

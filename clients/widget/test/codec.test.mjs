@@ -83,6 +83,20 @@ test("builders produce what the server decodes", () => {
   });
   assert.deepEqual(JSON.parse(lv.speak("m1", "hi")), { type: "speak", id: "m1", text: "hi" });
   assert.deepEqual(JSON.parse(lv.cancel()), { type: "cancel" });
+  assert.deepEqual(JSON.parse(lv.speak("m1", "hi", { user: "ann", kind: "sub" })), {
+    type: "speak",
+    id: "m1",
+    text: "hi",
+    user: "ann",
+    kind: "sub",
+  });
+  assert.deepEqual(JSON.parse(lv.channelJoin("main", "listen", { sampleRate: 16000 })), {
+    type: "channel.join",
+    channel: "main",
+    role: "listen",
+    sample_rate: 16000,
+  });
+  assert.deepEqual(JSON.parse(lv.channelSkip()), { type: "channel.skip" });
   assert.deepEqual(JSON.parse(lv.voiceUse("v_1")), { type: "voice.use", voice_id: "v_1" });
   assert.deepEqual(JSON.parse(lv.voiceDelete("v_1")), { type: "voice.delete", voice_id: "v_1" });
   assert.deepEqual(JSON.parse(lv.voiceRegister({ name: "me", format: "wav" })), {

@@ -1,0 +1,493 @@
+"""Channels: a tenant's named queue that producers speak into and listeners hear.
+
+One synthesis per message, fanned out: the channel resamples the engine's chunks once per
+listening rate and offers each listener's :class:`Seat` its frames without waiting for it. Each
+seat sends from a bounded buffer of its own; one that falls further behind than that buffer is
+cut loose (``listener_too_slow``), so a stalled listener never slows the channel, the other
+listeners or the producer.
+
+:class:`ChannelHub` is what a session needs of the channels; :class:`LocalChannels` keeps them in
+this process. A Redis-backed hub (a lease per channel, requests and audio across servers) is
+meant to implement the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from protocol.errors import LivevoiceError, QueueFull, SynthesisFailed
+from protocol.state import ListenStream, Membership, ServerProtocol, SpeakJob
+
+from .pcm import PcmFramer
+from .speech import SpeechEngine
+from .values import ResolvedVoice
+
+log = logging.getLogger(__name__)
+
+LISTENER_BUFFER_S = 10.0
+"""Seconds of audio a listener may fall behind its channel before it is cut loose."""
+
+
+@dataclass(eq=False)
+class ChannelMessage:
+    """A producer's admitted speak in its channel's queue."""
+
+    seat: Seat
+    """The producer's seat: where its ending goes."""
+    job: SpeakJob
+    voice: asyncio.Future[ResolvedVoice]
+    """The producer's voice for it, resolving beside the queue."""
+    voice_id: str | None = None
+    user: str | None = None
+    kind: str | None = None
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Start:
+    message: ChannelMessage
+
+
+@dataclass(eq=False)
+class _Pcm:
+    message: ChannelMessage
+    pcm: bytes
+    seconds: float
+
+
+@dataclass(eq=False)
+class _End:
+    message: ChannelMessage
+    ttfa_ms: float
+    cancelled: bool
+    truncated: bool
+
+
+class Seat:
+    """A session's place in a channel: its producer side (endings of its messages, queue state)
+    and its listener side (a bounded buffer of what it has yet to send, and the task that sends
+    it)."""
+
+    def __init__(
+        self,
+        protocol: ServerProtocol,
+        membership: Membership,
+        *,
+        flush: Callable[[], Awaitable[None]],
+        kick: Callable[[], None],
+        on_cut_loose: Callable[[], None],
+    ) -> None:
+        self.protocol = protocol
+        self.membership = membership
+        self._flush = flush
+        """Sends what the protocol has to send (the session's, under its send lock)."""
+        self._kick = kick
+        """Has the session send what the protocol has to send, beside whoever calls."""
+        self._on_cut_loose = on_cut_loose
+        self.max_buffer_s = LISTENER_BUFFER_S
+        """Set by the channel joined."""
+        self.sample_rate = membership.sample_rate or 0
+        self._feed: deque[_Start | _Pcm | _End] = deque()
+        self.buffered_s = 0.0
+        """Seconds of audio offered to this listener and not yet handed to its socket."""
+        self._streams: dict[ChannelMessage, ListenStream] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def listens(self) -> bool:
+        return self.membership.listens and not self.closed
+
+    def start(self) -> None:
+        if self.membership.listens:
+            self._task = asyncio.create_task(self._asend_forever(), name="channel-listener")
+
+    def close(self) -> None:
+        """The session left (or was cut loose): nothing more is offered or sent."""
+        self.closed = True
+        self._feed.clear()
+        self.buffered_s = 0.0
+        if self._task is not None:
+            self._task.cancel()
+
+    # --- producer side ------------------------------------------------------------------------
+    def spoken(self, job: SpeakJob, *, duration_ms: float, ttfa_ms: float, truncated: bool) -> None:
+        if not self.closed:
+            self.protocol.channel_spoken(
+                job, duration_ms=duration_ms, ttfa_ms=ttfa_ms, truncated=truncated
+            )
+            self._kick()
+
+    def dropped(self, job: SpeakJob) -> None:
+        if not self.closed:
+            self.protocol.channel_dropped(job)
+            self._kick()
+
+    def failed(self, job: SpeakJob, exc: LivevoiceError) -> None:
+        if not self.closed:
+            self.protocol.fail_speak(job, exc)
+            self._kick()
+
+    def state(self, *, waiting: int, paused: bool) -> None:
+        if not self.closed:
+            self.protocol.channel_state(waiting=waiting, paused=paused)
+            self._kick()
+
+    # --- listener side ------------------------------------------------------------------------
+    def offer_start(self, message: ChannelMessage) -> None:
+        self._offer(_Start(message))
+
+    def offer_pcm(self, message: ChannelMessage, pcm: bytes) -> bool:
+        """Queue one frame; False (nothing queued) when it would overfill the buffer."""
+        seconds = len(pcm) / 2 / self.sample_rate
+        if self.buffered_s + seconds > self.max_buffer_s:
+            return False
+        self.buffered_s += seconds
+        self._offer(_Pcm(message, pcm, seconds))
+        return True
+
+    def offer_end(
+        self, message: ChannelMessage, *, ttfa_ms: float, cancelled: bool, truncated: bool
+    ) -> None:
+        if cancelled:  # a skipped message stops now, not after what is still buffered
+            kept = [i for i in self._feed if not (isinstance(i, _Pcm) and i.message is message)]
+            self._feed = deque(kept)
+            self.buffered_s = sum(i.seconds for i in kept if isinstance(i, _Pcm))
+        self._offer(_End(message, ttfa_ms, cancelled, truncated))
+
+    def cut_loose(self) -> None:
+        self.close()
+        self._on_cut_loose()
+
+    def _offer(self, item: _Start | _Pcm | _End) -> None:
+        if not self.closed:
+            self._feed.append(item)
+            self._ready.set()
+
+    async def _asend_forever(self) -> None:
+        while True:
+            while not self._feed:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._feed.popleft()
+            if isinstance(item, _Start):
+                job = item.message.job
+                heard = self.protocol.listen_start(
+                    id=job.id,
+                    text=job.text,
+                    voice=item.message.voice_id,
+                    user=item.message.user,
+                    kind=item.message.kind,
+                )
+                if heard is not None:
+                    self._streams[item.message] = heard
+            elif isinstance(item, _Pcm):
+                self.buffered_s = max(0.0, self.buffered_s - item.seconds)
+                if (heard := self._streams.get(item.message)) is not None:
+                    self.protocol.listen_audio(heard, item.pcm)
+            elif (heard := self._streams.pop(item.message, None)) is not None:
+                self.protocol.listen_end(
+                    heard, ttfa_ms=item.ttfa_ms, cancelled=item.cancelled, truncated=item.truncated
+                )
+            await self._flush()
+
+
+class Channel(Protocol):
+    """One channel as its members use it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def admit(self, message_id: str) -> int:
+        """The place a new message would take (messages ahead of it); ``QueueFull`` when the
+        queue is full."""
+        ...
+
+    def put(self, message: ChannelMessage) -> None: ...
+    def cancel(self, seat: Seat, message_id: str | None) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def skip(self) -> None: ...
+    def clear(self) -> None: ...
+    def leave(self, seat: Seat) -> None: ...
+
+
+class ChannelHub(Protocol):
+    """The channels of every tenant, as a session reaches them (a service of the app)."""
+
+    def join(self, tenant: str, name: str, seat: Seat) -> Channel: ...
+    async def aclose(self) -> None: ...
+
+
+class LocalChannels:
+    """Channels kept in this process: each one's queue and its speaking task."""
+
+    def __init__(
+        self,
+        engine: SpeechEngine,
+        *,
+        frame_ms: int,
+        max_message_audio_s: float,
+        max_queue: int,
+        max_listener_buffer_s: float = LISTENER_BUFFER_S,
+    ) -> None:
+        self._engine = engine
+        self.max_listener_buffer_s = max_listener_buffer_s
+        self._frame_ms = frame_ms
+        self._max_message_audio_s = max_message_audio_s
+        self._max_queue = max_queue
+        self._channels: dict[tuple[str, str], LocalChannel] = {}
+        self.engine_calls = 0
+        """Messages synthesized, all channels together (one engine call each)."""
+
+    def join(self, tenant: str, name: str, seat: Seat) -> LocalChannel:
+        key = (tenant, name)
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = LocalChannel(self, key)
+            self._channels[key] = channel
+        seat.max_buffer_s = self.max_listener_buffer_s
+        channel.seats.append(seat)
+        seat.start()
+        return channel
+
+    def channel(self, tenant: str, name: str) -> LocalChannel | None:
+        return self._channels.get((tenant, name))
+
+    def _forget(self, channel: LocalChannel) -> None:
+        if self._channels.get(channel.key) is channel:
+            del self._channels[channel.key]
+
+    async def aclose(self) -> None:
+        for channel in list(self._channels.values()):
+            channel.stop()
+        self._channels.clear()
+
+
+@dataclass(eq=False)
+class LocalChannel:
+    hub: LocalChannels
+    key: tuple[str, str]
+    seats: list[Seat] = field(default_factory=list)
+    waiting: deque[ChannelMessage] = field(default_factory=deque)
+    current: ChannelMessage | None = None
+    paused: bool = False
+    _task: asyncio.Task[None] | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.key[1]
+
+    # --- members' requests --------------------------------------------------------------------
+    def admit(self, message_id: str) -> int:
+        if len(self.waiting) >= self.hub._max_queue:
+            raise QueueFull(
+                f"{len(self.waiting)} messages are already waiting in channel {self.name!r}; "
+                f"the limit is {self.hub._max_queue}",
+                message_id=message_id,
+            )
+        return len(self.waiting) + (1 if self.current is not None else 0)
+
+    def put(self, message: ChannelMessage) -> None:
+        self.waiting.append(message)
+        if self._task is None:
+            self._task = asyncio.create_task(self._aspeak_forever(), name=f"channel-{self.name}")
+        self._wake.set()
+        self._broadcast()
+
+    def cancel(self, seat: Seat, message_id: str | None) -> None:
+        """A producer cancels its own messages (one by id, or all)."""
+
+        def mine(m: ChannelMessage) -> bool:
+            return m.seat is seat and message_id in (None, m.job.id)
+
+        self._drop([m for m in self.waiting if mine(m)])
+        if self.current is not None and mine(self.current):
+            self._stop_current()
+
+    def pause(self) -> None:
+        self.paused = True
+        self._broadcast()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._wake.set()
+        self._broadcast()
+
+    def skip(self) -> None:
+        self._stop_current()
+        self._broadcast()
+
+    def clear(self) -> None:
+        self._drop(list(self.waiting))
+        self._broadcast()
+
+    def leave(self, seat: Seat) -> None:
+        """The session is gone. Its messages whose voice has resolved stay queued; one whose
+        voice was still on its way cannot be spoken any more."""
+        seat.close()
+        for message in [*self.waiting, *([self.current] if self.current else [])]:
+            if message.seat is seat and not message.voice.done():
+                message.voice.cancel()
+        if seat in self.seats:
+            self.seats.remove(seat)
+        if not self.seats:  # nobody left to hear it or to be answered
+            self.stop()
+            self.hub._forget(self)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for message in [*self.waiting, *([self.current] if self.current else [])]:
+            message.voice.cancel()
+        self.waiting.clear()
+
+    # --- the queue ----------------------------------------------------------------------------
+    def _drop(self, messages: list[ChannelMessage]) -> None:
+        for message in messages:
+            self.waiting.remove(message)
+            message.cancelled = True
+            message.voice.cancel()
+            message.seat.dropped(message.job)
+        if messages:
+            self._broadcast()
+
+    def _stop_current(self) -> None:
+        if self.current is not None:
+            self.current.cancelled = True
+            self.current.job.cancelled = True
+            self._stop.set()
+
+    def _broadcast(self) -> None:
+        for seat in self.seats:
+            seat.state(waiting=len(self.waiting), paused=self.paused)
+
+    def _cut_loose(self, seat: Seat) -> None:
+        log.info("channel %s: a listener fell %.1f s behind; cut loose", self.name, seat.buffered_s)
+        if seat in self.seats:
+            self.seats.remove(seat)
+        seat.cut_loose()
+
+    async def _aspeak_forever(self) -> None:
+        while True:
+            if self.paused or not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            message = self.current = self.waiting.popleft()
+            self._stop.clear()
+            self._broadcast()
+            try:
+                await self._aspeak(message)
+            except LivevoiceError as exc:
+                message.seat.failed(message.job, exc)
+            except Exception:
+                log.exception("channel %s: synthesis failed", self.name)
+                message.seat.failed(message.job, SynthesisFailed("synthesis failed"))
+            finally:
+                self.current = None
+
+    async def _aspeak(self, message: ChannelMessage) -> None:
+        voice = await self._until_stopped(message.voice)
+        if voice is None or message.cancelled:
+            message.seat.dropped(message.job)
+            return
+        try:
+            message.voice_id = message.seat.protocol.voice_of(message.job).voice_id
+        except LivevoiceError:
+            message.voice_id = None
+        engine, hub = self.hub._engine, self.hub
+        self.hub.engine_calls += 1
+        listeners = [s for s in self.seats if s.listens]
+        for seat in listeners:
+            seat.offer_start(message)
+        framers = {
+            rate: PcmFramer(engine.sample_rate, rate, hub._frame_ms)
+            for rate in {s.sample_rate for s in listeners}
+        }
+        budget = int(hub._max_message_audio_s * engine.sample_rate)
+        spoken = 0
+        truncated = False
+        started = time.perf_counter()
+        ttfa: float | None = None
+
+        def offer(frames: dict[int, list[bytes]]) -> None:
+            nonlocal ttfa
+            for seat in list(listeners):
+                for pcm in frames[seat.sample_rate]:
+                    if not seat.offer_pcm(message, pcm):
+                        listeners.remove(seat)
+                        self._cut_loose(seat)
+                        break
+            if ttfa is None and any(frames.values()):
+                ttfa = time.perf_counter() - started
+
+        chunks = engine.stream(message.job.text, voice.embedding)
+        try:
+            while (chunk := await self._next_chunk(chunks, message)) is not None:
+                if len(chunk) > budget:
+                    chunk, truncated = chunk[:budget], True
+                budget -= len(chunk)
+                spoken += len(chunk)
+                offer({rate: framer.feed(chunk) for rate, framer in framers.items()})
+                if truncated:
+                    break
+        finally:
+            await chunks.aclose()
+        if not message.cancelled:
+            offer({rate: [t] if (t := f.flush()) else [] for rate, f in framers.items()})
+        ttfa_ms = round((ttfa or 0.0) * 1000, 3)
+        for seat in listeners:
+            seat.offer_end(
+                message, ttfa_ms=ttfa_ms, cancelled=message.cancelled, truncated=truncated
+            )
+        duration_ms = round(spoken * 1000 / engine.sample_rate, 3)
+        message.seat.spoken(
+            message.job, duration_ms=duration_ms, ttfa_ms=ttfa_ms, truncated=truncated
+        )
+
+    async def _until_stopped(self, voice: asyncio.Future[ResolvedVoice]) -> ResolvedVoice | None:
+        """The message's voice, or None when it is stopped (or its voice fails) first."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            waiters: set[asyncio.Future[Any]] = {voice, stop}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not voice.done() or voice.cancelled():
+            return None
+        return voice.result()  # raises the voice's error: the message fails with it
+
+    async def _next_chunk(
+        self, chunks: AsyncGenerator[np.ndarray, None], message: ChannelMessage
+    ) -> np.ndarray | None:
+        """The engine's next chunk, or None at its end or once the message is stopped."""
+        if message.cancelled:
+            return None
+        nxt = asyncio.ensure_future(anext(chunks))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.wait({nxt})  # the generator must be idle before aclose()
+        if nxt.cancelled():
+            return None
+        try:
+            chunk = nxt.result()
+        except StopAsyncIteration:
+            return None
+        return None if message.cancelled else chunk
