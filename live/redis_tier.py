@@ -35,6 +35,7 @@ from .breaker import BreakerState, CircuitBreaker
 from .values import Embedding, Fingerprint, Purge, VoiceRecord
 
 __all__ = [
+    "DOWN",
     "FORMAT_VERSION",
     "Lookup",
     "RedisTier",
@@ -144,6 +145,8 @@ class _Down(enum.Enum):
 
 
 _DOWN: Final = _Down.DOWN
+DOWN: Final = _DOWN
+"""What :meth:`RedisTier.script`'s scripts answer when Redis gave no usable answer."""
 
 
 def key(encoder_id: str, fp: Fingerprint) -> str:
@@ -593,6 +596,18 @@ class RedisTier:
         if isinstance(value, bytes):
             value = value.decode()
         return value if isinstance(value, str) else None
+
+    # --- scripts of other parts (the tenants' shared limits) --------------------------------
+    def script(self, lua: str) -> Callable[[list[str], list[str | int | float]], Awaitable[Any]]:
+        """A Lua script on this tier's pool, run like every call here: under the breaker and the
+        timeout, answering :data:`DOWN` instead of raising (so Redis stays optional for its
+        callers too). Redis runs a script atomically, which is why callers use one."""
+        registered = self._client.register_script(lua)
+
+        async def arun(keys: list[str], args: list[str | int | float]) -> Any:
+            return await self._run(lambda: registered(keys=keys, args=args))
+
+        return arun
 
     async def aping(self) -> bool:
         reply = await self._run(lambda: self._client.ping())

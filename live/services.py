@@ -197,16 +197,24 @@ async def aservices(
             tier,
             embedded,
             tenants=TenantDirectory.from_config(settings.tokens, settings.tokens_file),
-            tenant_limits=TenantLimits(settings.limits),
+            tenant_limits=TenantLimits(
+                settings.limits,
+                tier,
+                expiry_s=settings.session_expiry_s,
+                refresh_s=settings.session_refresh_s,
+            ),
             lobby=Lobby(settings.max_unauthenticated),
             channels=channels,
             checks=tuple(checks),
         )
+        # After the sockets close (before the tier's pool does): their slots' removals land.
+        stack.push_async_callback(close_logged, "tenant limits", services.tenant_limits.aclose)
         stack.push_async_callback(close_logged, "session sockets", services.aclose_sockets)
         if tier is not None:
             metrics.watch_tier(tier)
             background.append(asyncio.create_task(amaintain_tier(services, tier)))
             background.append(asyncio.create_task(tier.alisten_purges(store.purged)))
+            background.append(asyncio.create_task(services.tenant_limits.arefresh_forever()))
             stack.push_async_callback(
                 close_logged, "background tasks", lambda: _acancel(background)
             )

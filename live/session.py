@@ -115,7 +115,7 @@ class Session:
                 self.channel.leave(self.seat)
             store.purge_listeners.discard(self._on_purge)
             if self._counted:
-                self.services.tenant_limits.close_session(self.tenant)
+                self.services.tenant_limits.close_session(self.tenant, self.id)
             # Nothing keeps working for a socket that is gone.
             for task in (speaker, *self._tasks):
                 task.cancel()
@@ -160,7 +160,7 @@ class Session:
             if isinstance(frame, str):
                 await self._aon_text(frame)
             else:
-                self._on_binary(frame)
+                await self._aon_binary(frame)
         except LivevoiceError as exc:
             self.protocol.reject(exc)
         except Exception:
@@ -209,9 +209,9 @@ class Session:
     async def _aon_text(self, data: str) -> None:
         message = self.protocol.receive_text(data)
         if isinstance(message, Hello):
-            self._hello(message)
+            await self._ahello(message)
         elif isinstance(message, Speak):
-            self.services.tenant_limits.take_speak(self.tenant, message.id)
+            await self.services.tenant_limits.atake_speak(self.tenant, message.id)
             self._admit(message)
         elif isinstance(message, ChannelJoin):
             self._join(message)
@@ -225,17 +225,17 @@ class Session:
             await self.requests.adelete(self.tenant, message)
         self.speaker.wake()  # a message admitted, or the current one cancelled
 
-    def _on_binary(self, data: bytes) -> None:
+    async def _aon_binary(self, data: bytes) -> None:
         upload = self.protocol.receive_binary(data)
         assert upload.request is not None
         try:
-            self.services.tenant_limits.take_registration(self.tenant)
+            await self.services.tenant_limits.atake_registration(self.tenant)
         except LivevoiceError as exc:
             self.requests.failed(upload.request, exc)
             return
         self._spawn(self.requests.aregister(self.tenant, upload, upload.request))
 
-    def _hello(self, hello: Hello) -> None:
+    async def _ahello(self, hello: Hello) -> None:
         upgraded = self._upgrade_tenant
         if upgraded is None or hello.token is not None:
             self.tenant = self.services.tenants.authenticate(hello.token)
@@ -243,7 +243,7 @@ class Session:
                 raise Unauthorized("the token in hello names another tenant than the upgrade's")
         else:
             self.tenant = upgraded
-        self.services.tenant_limits.open_session(self.tenant)
+        await self.services.tenant_limits.aopen_session(self.tenant, self.id)
         self._counted = True
         self.ws.admit()  # before ready: a client may send its clip as soon as it reads ready
         self.log.info("hello from %s", (hello.client or "unnamed client")[:80])

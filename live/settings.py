@@ -59,6 +59,11 @@ class Settings:
     again if memory pressure evicted them)."""
     redis_poll_s: float = 1.0
     """Half-open probe and ``used_memory`` polling period while Redis is configured."""
+    session_expiry_s: float = 30.0
+    """With Redis, a session counts against its tenant's limit on every server until this long
+    after its server last refreshed it: a server that dies stops holding its tenants' slots."""
+    session_refresh_s: float = 10.0
+    """How often a server refreshes its live sessions in Redis (well under the expiry)."""
     l1_voices: int = 10_000
     """Embeddings kept in process (about 1 KB each); pinned ones are never evicted."""
     tts_workers: int = 2

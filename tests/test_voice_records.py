@@ -242,6 +242,9 @@ async def test_voice_ids_survive_memory_pressure_and_pinned_voices_come_back(
                 ) as s2,
                 raw_client(s2) as overlay,
             ):
+                # The overlay's session counts in Redis (a write, which evicts under pressure,
+                # maybe the pinned embedding): s1's pin refresh writes it back, as it does.
+                await s1.services.store.arefresh_pinned()
                 await overlay.asend({"type": "voice.use", "voice_id": pinned.voice_id})
                 used = await overlay.anext()
                 assert isinstance(used, VoiceReady) and used.source == "redis", used
