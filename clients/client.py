@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import uuid
@@ -34,6 +35,10 @@ import aiohttp
 
 from protocol import PROTOCOL_VERSION, ClientProtocol, LivevoiceError
 from protocol.client import (
+    ChannelHeardEnded,
+    ChannelHeardStarted,
+    ChannelJoinAnswered,
+    ChannelStateChanged,
     Event,
     HelloRefused,
     PongReceived,
@@ -62,6 +67,12 @@ from protocol.messages import (
     AudioEnd,
     AudioStart,
     Cancel,
+    ChannelClear,
+    ChannelJoin,
+    ChannelJoined,
+    ChannelPause,
+    ChannelResume,
+    ChannelSkip,
     Hello,
     Message,
     Ping,
@@ -118,6 +129,10 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         base = min(self.maximum, self.initial * self.factor**attempt)
         return base * (1.0 - self.jitter * random.random())
+
+
+ChannelEvent = ChannelHeardStarted | SpeechAudio | ChannelHeardEnded | ChannelStateChanged
+"""What a channel listener hears (:attr:`LivevoiceClient.heard`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +297,12 @@ class LivevoiceClient:
         """What is in flight on the current socket, and what its frames mean."""
         self._voice_calls: dict[str, asyncio.Future[VoiceReady | VoiceDeleted]] = {}
         self._pings: dict[str, asyncio.Future[None]] = {}
+        self.channel: ChannelJoin | None = None
+        """The channel joined, joined again after a reconnect."""
+        self._joins: dict[str, asyncio.Future[ChannelJoined]] = {}
+        self.heard: asyncio.Queue[ChannelEvent] = asyncio.Queue()
+        """What a channel listener hears, in order: each message's start (its text, user and
+        kind), its audio, its end; and the queue's state. Unbounded: a listener reads it."""
         self._utterances: dict[str, Utterance] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -383,17 +404,60 @@ class LivevoiceClient:
         assert isinstance(deleted, VoiceDeleted)
         return deleted
 
+    async def ajoin(
+        self, channel: str, role: str, *, sample_rate: int | None = None
+    ) -> ChannelJoined:
+        """Joins the tenant's ``channel`` to ``speak``, ``listen`` or ``both`` (once per
+        session; joined again after a reconnect). A listener reads :attr:`heard`."""
+        await self._await_online()
+        join = ChannelJoin(channel=channel, role=role, sample_rate=sample_rate)
+        joined = await self._ajoin(join)
+        self.channel = join
+        return joined
+
+    async def _ajoin(self, join: ChannelJoin) -> ChannelJoined:
+        join_id = uuid.uuid4().hex[:8]
+        done: asyncio.Future[ChannelJoined] = asyncio.get_running_loop().create_future()
+        self._joins[join_id] = done
+        try:
+            await self._asend(dataclasses.replace(join, id=join_id))
+            return await asyncio.wait_for(asyncio.shield(done), self.timeout)
+        finally:
+            self._joins.pop(join_id, None)
+
+    async def acontrol(self, control: str) -> None:
+        """A queue control of the channel joined to speak: ``pause`` (after the current
+        message), ``resume``, ``skip`` (the current message) or ``clear`` (what waits)."""
+        messages: dict[str, type[Message]] = {
+            "pause": ChannelPause,
+            "resume": ChannelResume,
+            "skip": ChannelSkip,
+            "clear": ChannelClear,
+        }
+        await self._await_online()
+        await self._asend(messages[control]())
+
     async def aspeak(
-        self, text: str, *, id: str | None = None, sample_rate: int | None = None
+        self,
+        text: str,
+        *,
+        id: str | None = None,
+        sample_rate: int | None = None,
+        user: str | None = None,
+        kind: str | None = None,
     ) -> Utterance:
-        """Sends ``speak`` and returns once the server queued it (or raises its error)."""
+        """Sends ``speak`` and returns once the server queued it (or raises its error). In a
+        channel, ``user`` and ``kind`` reach its listeners; the utterance ends with the
+        message's completion, without audio (listeners hear it)."""
         message_id = id if id is not None else uuid.uuid4().hex[:12]
         await self._await_online()
         utterance = Utterance(message_id)
         try:
             async with self._send_lock:
                 # DuplicateId while one with this id is in flight: answers carry only the id.
-                self._wire.send_speak(Speak(id=message_id, text=text, sample_rate=sample_rate))
+                self._wire.send_speak(
+                    Speak(id=message_id, text=text, sample_rate=sample_rate, user=user, kind=kind)
+                )
                 self._utterances[message_id] = utterance
                 await self._aflush_locked()
             await asyncio.wait_for(asyncio.shield(utterance._queued_fut), self.timeout)
@@ -452,6 +516,8 @@ class LivevoiceClient:
                 except LivevoiceError as exc:
                     # Not the session's refusal: the voice could not be pinned yet.
                     raise VoiceRestoreFailed(f"{error_code(exc)}: {exc.message}") from exc
+                if self.channel is not None:
+                    await self._ajoin(self.channel)
         except BaseException:
             await self._adrop_socket()
             raise
@@ -646,6 +712,11 @@ class LivevoiceClient:
         if self._ready_fut is not None and not self._ready_fut.done():
             self._ready_fut.set_exception(exc)
             self._ready_fut.exception()
+        for join in self._joins.values():
+            if not join.done():
+                join.set_exception(exc)
+                join.exception()
+        self._joins.clear()
         for waiters in (self._voice_calls, self._pings):
             for fut in waiters.values():
                 if not fut.done():
@@ -658,7 +729,19 @@ class LivevoiceClient:
 
     def _on_event(self, event: Event) -> None:
         """Hand one event of the wire to whoever waits for it."""
-        if isinstance(event, SpeechQueued | SpeechStarted | SpeechAudio):
+        if isinstance(event, ChannelHeardStarted | ChannelHeardEnded | ChannelStateChanged) or (
+            isinstance(event, SpeechAudio) and event.channel is not None
+        ):
+            self.heard.put_nowait(event)
+        elif isinstance(event, ChannelJoinAnswered):
+            joining = self._joins.get(event.request_id or "")
+            if joining is not None and not joining.done():
+                if event.joined is not None:
+                    joining.set_result(event.joined)
+                else:
+                    assert event.error is not None
+                    joining.set_exception(event.error)
+        elif isinstance(event, SpeechQueued | SpeechStarted | SpeechAudio):
             if (u := self._utterances.get(event.id)) is not None:
                 u._on_event(event)
         elif isinstance(event, SpeechEnded | SpeechFailed):

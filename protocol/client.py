@@ -158,6 +158,7 @@ class VoiceLost(Event):
 class ChannelJoinAnswered(Event):
     """``channel.joined``, or the ``error`` answering a ``channel.join``."""
 
+    request_id: str | None
     joined: ChannelJoined | None
     error: LivevoiceError | None = None
 
@@ -350,7 +351,7 @@ class ClientProtocol:
         if isinstance(message, ChannelJoined):
             if message.id is not None:
                 self._joins.discard(message.id)
-            return ChannelJoinAnswered(message, message)
+            return ChannelJoinAnswered(message, message.id, message)
         if isinstance(message, ChannelState):
             return ChannelStateChanged(message, message)
         if isinstance(message, VoiceReady | VoiceDeleted):
@@ -448,7 +449,7 @@ class ClientProtocol:
                 return VoiceRequestFailed(message, message.id, exc)
             if message.id in self._joins:
                 self._joins.discard(message.id)
-                return ChannelJoinAnswered(message, None, exc)
+                return ChannelJoinAnswered(message, message.id, None, exc)
         if self._hello_pending:
             self._hello_pending = False
             return HelloRefused(message, exc)

@@ -18,12 +18,19 @@ import numpy as np
 import orjson
 from aiohappyeyeballs import AddrInfoType
 
+from clients.client import LivevoiceClient
 from live.channels import LocalChannels
 from live.encoder import EncoderWorker
 from live.speech import PiperEngine, SpeechEngine
 from live.voices import Embedding
 from protocol import ClientProtocol, ServerProtocol
-from protocol.client import ChannelHeardEnded, ChannelHeardStarted, SpeechAudio, SpeechEnded
+from protocol.client import (
+    ChannelHeardEnded,
+    ChannelHeardStarted,
+    ChannelStateChanged,
+    SpeechAudio,
+    SpeechEnded,
+)
 from protocol.codec import AudioFrame
 from protocol.messages import (
     AudioEnd,
@@ -400,3 +407,41 @@ async def test_a_session_that_joins_nothing_is_unaffected(encoder_worker: Encode
         await until_message(overlay, lambda m: isinstance(m, AudioEnd))
         kinds = [m.TYPE for m in alone.seen.messages]
         assert kinds == ["ready", "voice.ready", "queued", "audio.start", "audio.end"], kinds
+
+
+async def test_the_python_client_speaks_into_and_listens_to_a_channel(
+    encoder_worker: EncoderWorker,
+) -> None:
+    engine = GatedEngine(auto=True)
+    async with (
+        live_server(embedder=encoder_worker, engine=engine) as srv,
+        LivevoiceClient(srv.ws_url) as bot,
+        LivevoiceClient(srv.ws_url) as overlay,
+    ):
+        await bot.aregister(clip_wav())
+        joined = await bot.ajoin("main", "speak")
+        assert joined.role == "speak"
+        await overlay.ajoin("main", "listen", sample_rate=16000)
+        utterance = await bot.aspeak("One. Two.", user="Ann", kind="raid")
+        result = await asyncio.wait_for(utterance.aresult(), 30)
+        assert result.stream == 0 and result.pcm == b"" and not result.cancelled
+        assert result.duration_ms == 1000.0
+        samples, start, end = 0, None, None
+        while end is None:
+            event = await asyncio.wait_for(overlay.heard.get(), 30)
+            if isinstance(event, ChannelHeardStarted):
+                start = event.start
+            elif isinstance(event, SpeechAudio):
+                samples += len(event.pcm) // 2
+            elif isinstance(event, ChannelHeardEnded):
+                end = event.end
+        assert start is not None and (start.user, start.kind, start.sample_rate) == (
+            "Ann",
+            "raid",
+            16000,
+        )
+        assert samples == end.samples == 16000
+        await bot.acontrol("pause")
+        state = await asyncio.wait_for(overlay.heard.get(), 30)
+        while not (isinstance(state, ChannelStateChanged) and state.state.paused):
+            state = await asyncio.wait_for(overlay.heard.get(), 30)
