@@ -494,7 +494,10 @@ class ServerProtocol:
         """Admit a speak ``receive_text`` returned (the server's own checks, such as a rate
         limit, passed): answer ``queued`` (R7). In a channel (R13) the job goes to the channel's
         queue, not this session's, and ``position`` is its place there."""
-        assert self._voice is not None, "receive_text checked the voice"
+        if self._voice is None:
+            # receive_text checked it, but the server may have awaited its own checks since
+            # (a rate limit in Redis) while a purge took the voice: the same answer, not a crash.
+            raise NoVoice("the voice was deleted; register or use another", message_id=speak.id)
         job = SpeakJob(speak.id, speak.text, speak.sample_rate, self._voice)
         if self.membership is not None:
             assert position is not None, "a channel speak is placed by its channel"

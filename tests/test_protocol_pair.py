@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import ClientProtocol, LivevoiceError, ServerProtocol
+from protocol import ClientProtocol, LivevoiceError, ServerProtocol, encode
 from protocol.client import (
     Event,
     SpeechAudio,
@@ -28,7 +28,13 @@ from protocol.client import (
     VoiceRequestFailed,
     error_code,
 )
-from protocol.errors import EncoderFailed, RateLimited, SynthesisFailed, VoiceUnavailable
+from protocol.errors import (
+    EncoderFailed,
+    NoVoice,
+    RateLimited,
+    SynthesisFailed,
+    VoiceUnavailable,
+)
 from protocol.messages import (
     Cancel,
     Hello,
@@ -501,3 +507,16 @@ def _step(server: ServerProtocol, job: SpeakJob, phase: int) -> SpeakJob | None:
         server.end_audio(job, ttfa_ms=0.0)
         return None
     return job
+
+
+def test_a_purge_between_the_checks_and_admission_answers_no_voice() -> None:
+    """The server awaits its own checks (a shared rate limit) between ``receive_text`` and
+    ``accept_speak``; a purge landing in that gap is answered ``no_voice``, not a crash."""
+    pair = Pair()
+    pair.register("v_a")
+    speak = pair.server.receive_text(encode(Speak(id="m1", text="Hello there.")))
+    assert isinstance(speak, Speak)
+    assert pair.server.purge("v_a")
+    with pytest.raises(NoVoice) as refused:
+        pair.server.accept_speak(speak)
+    assert refused.value.message_id == "m1"
