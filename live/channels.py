@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from protocol.errors import LivevoiceError, QueueFull, SynthesisFailed
-from protocol.state import ListenStream, Membership, ServerProtocol, SpeakJob
+from protocol.errors import Expired, LivevoiceError, QueueFull, SynthesisFailed
+from protocol.state import ListenStream, Membership, ServerProtocol, SpeakJob, channel_place
 
 from .pcm import PcmFramer
 from .speech import SpeechEngine
@@ -49,6 +49,13 @@ class ChannelMessage:
     user: str | None = None
     kind: str | None = None
     cancelled: bool = False
+    priority: int = 0
+    """Its lane (R15): higher lanes are spoken first, each lane in order."""
+    interrupt: bool = False
+    """Cut the current message and be spoken next (R15)."""
+    expire_s: float | None = None
+    """Dropped with ``expired`` if still waiting this long after it was put (R15)."""
+    expiry: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
@@ -207,9 +214,9 @@ class Channel(Protocol):
     @property
     def name(self) -> str: ...
 
-    def admit(self, message_id: str) -> int:
-        """The place a new message would take (messages ahead of it); ``QueueFull`` when the
-        queue is full."""
+    def admit(self, message_id: str, *, priority: int = 0, interrupt: bool = False) -> int:
+        """The place a new message of that lane would take (messages ahead of it, R15);
+        ``QueueFull`` when the queue is full."""
         ...
 
     def put(self, message: ChannelMessage) -> None: ...
@@ -290,17 +297,27 @@ class LocalChannel:
         return self.key[1]
 
     # --- members' requests --------------------------------------------------------------------
-    def admit(self, message_id: str) -> int:
+    def admit(self, message_id: str, *, priority: int = 0, interrupt: bool = False) -> int:
         if len(self.waiting) >= self.hub._max_queue:
             raise QueueFull(
                 f"{len(self.waiting)} messages are already waiting in channel {self.name!r}; "
                 f"the limit is {self.hub._max_queue}",
                 message_id=message_id,
             )
-        return len(self.waiting) + (1 if self.current is not None else 0)
+        place = self._place(priority, interrupt)
+        return place + (1 if self.current is not None and not interrupt else 0)
+
+    def _place(self, priority: int, interrupt: bool) -> int:
+        return channel_place([m.priority for m in self.waiting], priority, interrupt=interrupt)
 
     def put(self, message: ChannelMessage) -> None:
-        self.waiting.append(message)
+        self.waiting.insert(self._place(message.priority, message.interrupt), message)
+        if message.interrupt:
+            self._stop_current()
+        if message.expire_s is not None:
+            message.expiry = asyncio.get_running_loop().call_later(
+                message.expire_s, self._expire, message
+            )
         if self._task is None:
             self._task = asyncio.create_task(self._aspeak_forever(), name=f"channel-{self.name}")
         self._wake.set()
@@ -351,12 +368,29 @@ class LocalChannel:
             self._task.cancel()
         for message in [*self.waiting, *([self.current] if self.current else [])]:
             message.voice.cancel()
+            if message.expiry is not None:
+                message.expiry.cancel()
         self.waiting.clear()
 
     # --- the queue ----------------------------------------------------------------------------
+    def _expire(self, message: ChannelMessage) -> None:
+        """A message waited longer than its ``expire_s`` (R15): it ends ``expired``, unspoken."""
+        if message not in self.waiting:
+            return  # started, dropped or gone meanwhile
+        self.waiting.remove(message)
+        message.cancelled = True
+        message.voice.cancel()
+        message.seat.failed(
+            message.job,
+            Expired(f"still waiting after {message.expire_s:g} s", message_id=message.job.id),
+        )
+        self._broadcast()
+
     def _drop(self, messages: list[ChannelMessage]) -> None:
         for message in messages:
             self.waiting.remove(message)
+            if message.expiry is not None:
+                message.expiry.cancel()
             message.cancelled = True
             message.voice.cancel()
             message.seat.dropped(message.job)
@@ -386,6 +420,8 @@ class LocalChannel:
                 await self._wake.wait()
                 continue
             message = self.current = self.waiting.popleft()
+            if message.expiry is not None:
+                message.expiry.cancel()
             self._stop.clear()
             self._broadcast()
             try:

@@ -277,11 +277,22 @@ class Session:
         if self.channel is None or self.seat is None:
             self.protocol.accept_speak(speak)
             return
-        position = self.channel.admit(speak.id)
+        priority, interrupt = speak.priority or 0, bool(speak.interrupt)
+        position = self.channel.admit(speak.id, priority=priority, interrupt=interrupt)
         job = self.protocol.accept_speak(speak, position=position)
         voice = asyncio.ensure_future(self.voice.avoice_of(self.protocol, job))
         voice.add_done_callback(_retrieved)
-        self.channel.put(ChannelMessage(self.seat, job, voice, user=speak.user, kind=speak.kind))
+        message = ChannelMessage(
+            self.seat,
+            job,
+            voice,
+            user=speak.user,
+            kind=speak.kind,
+            priority=priority,
+            interrupt=interrupt,
+            expire_s=speak.expire_s,
+        )
+        self.channel.put(message)
 
     def _control(
         self, message: ChannelPause | ChannelResume | ChannelSkip | ChannelClear | Cancel

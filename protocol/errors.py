@@ -252,3 +252,10 @@ def all_codes() -> dict[str, type[LivevoiceError]]:
             codes[cls.code] = cls
         stack.extend(cls.__subclasses__())
     return codes
+
+
+class Expired(RequestRejected):
+    """A channel message still waiting ``expire_s`` after it was queued: dropped unspoken (a
+    chat line that old is no longer worth hearing)."""
+
+    code = "expired"

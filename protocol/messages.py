@@ -143,6 +143,15 @@ class Speak(Message):
     kind: str | None = None
     """What the message is (``chat``, ``sub``, ``bits``, ``raid``, ``redeem``...); passed through
     to listeners."""
+    priority: int | None = None
+    """Channel messages only: its lane, 0 (plain chat, the default) to 9; higher lanes are
+    spoken first, each lane in the order sent."""
+    interrupt: bool | None = None
+    """Channel messages only: cut the message being spoken at its next frame and speak this one
+    next."""
+    expire_s: float | None = None
+    """Channel messages only: dropped (``expired``) if still waiting this many seconds after it
+    was queued."""
 
 
 @dataclass(frozen=True, slots=True)

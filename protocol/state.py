@@ -54,6 +54,14 @@ The rules, numbered so code and tests can name them:
 - **R14 listeners.** A listener hears each channel message as a stream of its own session (R8's
   numbering): ``audio.start`` with ``channel``, ``text``, ``voice``, ``user`` and ``kind``, its
   frames, and ``audio.end`` with ``channel``; and ``channel.state`` whenever the queue changes.
+- **R15 lanes.** A channel speak may carry ``priority`` (0 to ``MAX_PRIORITY``, default 0),
+  ``interrupt`` and ``expire_s`` (above 0, at most ``MAX_EXPIRE_S``); out of range, or outside
+  a channel, they are ``unsupported``. The channel's waiting
+  messages are kept in lanes: a message goes behind every waiting one of its lane or a higher
+  one and ahead of every lower one (``channel_place``), so a lane is never reordered and
+  ``queued.position`` counts what is ahead of it. An ``interrupt`` goes ahead of everything
+  waiting and stops the current message (``audio.end`` ``cancelled: true``, as a skip). One
+  still waiting ``expire_s`` after it was queued ends with the error ``expired``.
 """
 
 from __future__ import annotations
@@ -122,6 +130,22 @@ SAMPLE_RATES = (16000, 22050, 24000, 48000)
 ROLES = ("speak", "listen", "both")
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CHANNEL_CONTROLS = (ChannelPause, ChannelResume, ChannelSkip, ChannelClear)
+MAX_PRIORITY = 9
+"""The highest lane of a channel speak (R15): paid events, raids; 0 is plain chat."""
+MAX_EXPIRE_S = 3600.0
+"""The longest ``expire_s`` a channel speak may ask for (R15)."""
+
+
+def channel_place(waiting: list[int], priority: int, *, interrupt: bool = False) -> int:
+    """Where a new message goes among the channel's waiting ones, given their priorities in
+    queue order (R15): behind its own lane and every higher one, ahead of every lower one; an
+    interrupt goes first. The index is also the number of waiting messages ahead of it."""
+    if interrupt:
+        return 0
+    for index, ahead in enumerate(waiting):
+        if ahead < priority:
+            return index
+    return len(waiting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +494,7 @@ class ServerProtocol:
                 f"sample_rate must be one of {', '.join(map(str, self.sample_rates))}",
                 message_id=speak.id,
             )
+        self._check_lanes(speak)
         if self._voice is None:
             raise NoVoice("register or use a voice before speaking", message_id=speak.id)
         text = self.clean_text(speak.text)
@@ -489,6 +514,22 @@ class ServerProtocol:
                 message_id=speak.id,
             )
         return speak if text == speak.text else dataclasses.replace(speak, text=text)
+
+    def _check_lanes(self, speak: Speak) -> None:
+        """R15: lanes, interrupt and expiry are a channel's, within their bounds."""
+        options = (speak.priority, speak.interrupt, speak.expire_s)
+        if self.membership is None and any(o is not None for o in options):
+            raise Unsupported(
+                "priority, interrupt and expire_s are for channel messages (join a channel)",
+                message_id=speak.id,
+            )
+        if speak.priority is not None and not 0 <= speak.priority <= MAX_PRIORITY:
+            raise Unsupported(f"speak: priority must be 0 to {MAX_PRIORITY}", message_id=speak.id)
+        if speak.expire_s is not None and not 0 < speak.expire_s <= MAX_EXPIRE_S:
+            raise Unsupported(
+                f"speak: expire_s must be above 0 and at most {MAX_EXPIRE_S:g}",
+                message_id=speak.id,
+            )
 
     def accept_speak(self, speak: Speak, *, position: int | None = None) -> SpeakJob:
         """Admit a speak ``receive_text`` returned (the server's own checks, such as a rate

@@ -39,6 +39,10 @@ export const CLIENT_MESSAGES = {
     F("sample_rate", "int"),
     F("user", "str"),
     F("kind", "str"),
+    // Channel messages only:
+    F("priority", "int"),
+    F("interrupt", "bool"),
+    F("expire_s", "float"),
   ],
   cancel: [F("id", "str")],
   ping: [F("id", "str")],
@@ -106,7 +110,7 @@ export const ERROR_CODES = [
   "voice_not_found", "voice_unavailable", "clip_empty", "clip_not_audio", "clip_silent", "clip_too_short",
   "clip_too_long", "clip_too_large", "clip_not_speech", "encoder_failed", "encoder_busy", "voice_failed",
   "empty_text", "text_too_long", "queue_full", "duplicate_id",
-  "unsupported_sample_rate", "synthesis_failed", "bad_channel", "not_a_speaker", "listener_too_slow", "internal_error",
+  "unsupported_sample_rate", "synthesis_failed", "bad_channel", "not_a_speaker", "listener_too_slow", "expired", "internal_error",
 ];
 
 const isObject = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
@@ -189,8 +193,8 @@ export const hello = ({ token, client, protocol = PROTOCOL_VERSION } = {}) => en
 export const voiceRegister = ({ name, format, id } = {}) => encode({ type: "voice.register", name, format, id });
 export const voiceUse = (voiceId, { id } = {}) => encode({ type: "voice.use", voice_id: voiceId, id });
 export const voiceDelete = (voiceId, { id } = {}) => encode({ type: "voice.delete", voice_id: voiceId, id });
-export const speak = (id, text, { sampleRate, user, kind } = {}) =>
-  encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind });
+export const speak = (id, text, { sampleRate, user, kind, priority, interrupt, expireS } = {}) =>
+  encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind, priority, interrupt, expire_s: expireS });
 export const channelJoin = (channel, role, { sampleRate, id } = {}) =>
   encode({ type: "channel.join", channel, role, sample_rate: sampleRate, id });
 export const channelPause = (id) => encode({ type: "channel.pause", id });
