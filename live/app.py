@@ -11,6 +11,7 @@ from .redis_tier import RedisTier
 from .services import Services, StoreFactory, TierFactory, aservices
 from .session import Session
 from .settings import Settings
+from .speakerbot import SPEAKERBOT, Speakerbot, aserve, parse_voice_aliases
 from .speech import SpeechEngine
 from .voices import Embedder, VoiceStore
 
@@ -60,6 +61,12 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if settings.speakerbot_path:
+        app[SPEAKERBOT] = Speakerbot(
+            channel=settings.speakerbot_channel,
+            aliases=parse_voice_aliases(settings.speakerbot_voices),
+        )
+        app.router.add_get(settings.speakerbot_path, speakerbot)
     for add_routes in routes:
         add_routes(app)
     return app
@@ -92,6 +99,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         if leave_lobby is not None:
             leave_lobby()
     return ws
+
+
+async def speakerbot(request: web.Request) -> web.StreamResponse:
+    """Speaker.bot's request format, spoken into a channel (``live.speakerbot``)."""
+    return await aserve(request, request.app[SERVICES], request.app[SPEAKERBOT])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -86,6 +86,14 @@ class Settings:
     header_timeout_s: float = 10.0
     """Time a connection has to send its request headers; also how long an idle keep-alive
     HTTP connection is kept."""
+    speakerbot_path: str | None = "/speakerbot"
+    """Where the Speaker.bot-compatible WebSocket is served (``live.speakerbot``); empty: not
+    served."""
+    speakerbot_channel: str = "main"
+    """The channel, of the tenant a connection authenticates as, that Speaker.bot requests feed."""
+    speakerbot_voices: str | None = None
+    """Speaker.bot voice aliases: ``Alias=voice_id`` entries separated by commas or newlines;
+    ``*=voice_id`` for aliases not listed. An alias not mapped is tried as a voice id."""
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
