@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from live.encoder import EncoderWorker
+from live.speech import PiperEngine
+from protocol.messages import AudioEnd, AudioStart, ChannelJoined, ChannelState, Message
 from tests.clips import reference_clip, wav_bytes
-from tests.server import LiveServer, live_server
+from tests.server import LiveServer, RawClient, live_server, raw_client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -233,5 +236,219 @@ async def test_widget_registers_speaks_gaplessly_and_skips(
             state = await hooks(page)
             assert state["voice"]["source"] == "l1" and state["counters"]["clipReuploads"] == 0
             assert server.services.store.encoder_calls == calls
+        finally:
+            await browser.close()
+
+
+# --- channels: the overlay listens to what a bot speaks, the chat page steers the queue ----------
+async def channel_bot(client: RawClient, role: str = "speak") -> str:
+    """A raw client in channel ``main`` (a speaker registers a voice first); its voice id."""
+    voice_id = ""
+    if role != "listen":
+        ready = await client.aregister(wav_bytes(*reference_clip("piper")))
+        voice_id = ready.voice_id
+    await client.asend({"type": "channel.join", "channel": "main", "role": role})
+    joined = await client.await_type("channel.joined")
+    assert isinstance(joined, ChannelJoined) and joined.role == role
+    return voice_id
+
+
+async def until_message(
+    client: RawClient, match: Callable[[Message], bool], timeout: float = TIMEOUT_MS / 1000
+) -> Message:
+    """The next control message that matches; others and audio met on the way are kept."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        message = await client.anext(max(0.01, deadline - loop.time()))
+        if match(message):
+            return message
+
+
+OVERLAY_JOINED = (
+    "window.livevoice && window.livevoice.status === 'open' && window.livevoice.channel.joined"
+)
+
+
+async def shows(page: Any, selector: str, text: str) -> None:
+    await wait_for(
+        page, "([sel, text]) => document.querySelector(sel).textContent === text", [selector, text]
+    )
+
+
+async def hear_line(page: Any, text: str, user: str) -> dict[str, Any]:
+    """Waits until the overlay plays the channel message `text` loud enough and shows its line;
+    the hooks' state then."""
+    await page.wait_for_function(
+        """([text, db]) => {
+          const cur = window.livevoice.channel.current;
+          return cur && cur.text === text && window.heardLevelDb() > db;
+        }""",
+        arg=[text, AUDIBLE_DB],
+        polling=20,
+        timeout=TIMEOUT_MS,
+    )
+    assert await page.is_visible("#line")
+    assert await page.inner_text("#line-text") == text
+    assert await page.inner_text("#line-user") == user
+    return await hooks(page)
+
+
+async def test_overlay_plays_a_channel_shows_the_line_and_goes_on_after_reload_and_reconnect(
+    encoder_worker: EncoderWorker, piper: PiperEngine
+) -> None:
+    async_api = playwright_api()
+    executable = chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with (
+        live_server(embedder=encoder_worker, engine=piper) as srv,
+        raw_client(srv) as bot,
+        async_api.async_playwright() as pw,
+    ):
+        await channel_bot(bot)
+        browser = await pw.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 800, "height": 240})
+            await page.add_init_script(HEARD_LEVEL_SCRIPT)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            before = set(srv.services.sockets)
+            await page.goto(f"{srv.url}/widget?mode=overlay&channel=main&volume=0.8")
+            await wait_for(page, OVERLAY_JOINED)
+            (overlay_socket,) = set(srv.services.sockets) - before
+            state = await hooks(page)
+            assert state["audio"]["state"] == "running", "headless Chromium did not start audio"
+            assert state["channel"]["role"] == "listen"
+            assert await page.is_hidden("#line")  # nothing drawn over the stream while idle
+            assert await page.is_hidden("#controls") and await page.is_hidden("#status")
+            background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+            assert background == "rgba(0, 0, 0, 0)"
+
+            async def bot_says(msg_id: str, text: str, user: str) -> AudioEnd:
+                await bot.asend(
+                    {"type": "speak", "id": msg_id, "text": text, "user": user, "kind": "chat"}
+                )
+                done = await until_message(bot, lambda m: isinstance(m, AudioEnd))
+                assert isinstance(done, AudioEnd) and done.id == msg_id and not done.cancelled
+                return done
+
+            text = "Thanks for the follow, Ann! Welcome to the stream."
+            speaking = asyncio.create_task(bot_says("m1", text, "Ann"))
+            state = await hear_line(page, text, "Ann")
+            await page.screenshot(
+                path=str(ARTIFACTS / "widget-overlay-channel.png"), omit_background=True
+            )
+            done = await speaking
+            await wait_for(page, "window.livevoice.counters.messagesDone === 1")
+            await wait_for(page, "window.livevoice.channel.current === null")
+            assert await page.is_hidden("#line")
+            state = await hooks(page)
+            (heard,) = state["messages"].values()
+            assert heard["wireId"] == "m1" and heard["user"] == "Ann" and heard["kind"] == "chat"
+            # At the page's own rate, one stream in order, every sample played, no gap.
+            assert heard["sampleRate"] == state["audio"]["sampleRate"] == state["sampleRate"]
+            track = state["tracks"][str(heard["track"])]
+            assert track["inOrder"] and track["samples"] == heard["end"]["samples"]
+            assert track["played"] == track["samples"] > 0 and track["underruns"] == 0
+            assert abs(track["samples"] / heard["sampleRate"] * 1000 - done.duration_ms) < 25
+
+            # The OBS source is refreshed: the new page joins again and plays what comes next.
+            await page.reload()
+            await wait_for(page, OVERLAY_JOINED)
+            text = "Second line, after the refresh."
+            speaking = asyncio.create_task(bot_says("m2", text, "Bea"))
+            await hear_line(page, text, "Bea")
+            await speaking
+            await wait_for(page, "window.livevoice.counters.messagesDone === 1")
+
+            # Its socket drops: it reconnects, joins again, and plays on.
+            (overlay_socket,) = set(srv.services.sockets) - before - {overlay_socket}
+            await overlay_socket.close()
+            await wait_for(page, f"{OVERLAY_JOINED} && window.livevoice.counters.reconnects === 1")
+            text = "Third line, after the drop."
+            speaking = asyncio.create_task(bot_says("m3", text, "Cy"))
+            await hear_line(page, text, "Cy")
+            await speaking
+            await wait_for(page, "window.livevoice.counters.messagesDone === 2")
+            state = await hooks(page)
+            assert state["channel"]["joins"] == 2 and state["counters"]["underruns"] == 0
+            assert state["errors"] == [] and errors == []
+        finally:
+            await browser.close()
+
+
+async def test_chat_page_speaks_into_a_channel_and_its_queue_controls_steer_it(
+    encoder_worker: EncoderWorker, piper: PiperEngine
+) -> None:
+    async_api = playwright_api()
+    executable = chromium()
+    async with (
+        live_server(embedder=encoder_worker, engine=piper) as srv,
+        raw_client(srv) as voice_owner,
+        raw_client(srv) as listener,
+        async_api.async_playwright() as pw,
+    ):
+        voice_id = await channel_bot(voice_owner)
+        await channel_bot(listener, "listen")
+
+        def state_is(waiting: int, paused: bool) -> Callable[[Message], bool]:
+            return lambda m: (
+                isinstance(m, ChannelState)
+                and (m.waiting, m.paused)
+                == (
+                    waiting,
+                    paused,
+                )
+            )
+
+        browser = await pw.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"{srv.url}/widget?mode=chat&channel=main&voice={voice_id}")
+            await wait_for(page, f"{OVERLAY_JOINED} && window.livevoice.voice")
+            assert (await hooks(page))["channel"]["role"] == "speak"
+            assert await page.is_visible("#pause") and await page.is_visible("#clear")
+
+            # Pause: the channel holds its queue; the page shows it, from channel.state.
+            await page.click("#pause")
+            await until_message(listener, state_is(0, True))
+            for text in [LONG_TEXT, "The second line waits its turn."]:
+                await page.fill("#text", text)
+                await page.press("#text", "Enter")
+            await until_message(listener, state_is(2, True))
+            await shows(page, "#channel-state", "#main: 2 waiting · paused")
+            await shows(page, "#pause", "Resume")
+            assert not [m for m in listener.seen.messages if isinstance(m, AudioStart)]
+
+            # Resume: the first line plays to the listener; Skip cuts it for every listener.
+            await page.click("#pause")
+            start = await until_message(listener, lambda m: isinstance(m, AudioStart))
+            assert isinstance(start, AudioStart) and start.id == "w1" and start.text == LONG_TEXT
+            await listener.anext_frame()
+            await page.click("#skip")
+            end = await until_message(listener, lambda m: isinstance(m, AudioEnd))
+            assert isinstance(end, AudioEnd) and end.id == "w1" and end.cancelled
+            await wait_for(page, "window.livevoice.messages.w1.state === 'cancelled'")
+            start = await until_message(listener, lambda m: isinstance(m, AudioStart))
+            assert isinstance(start, AudioStart) and start.id == "w2"
+
+            # Clear: a line still waiting is dropped.
+            await page.click("#pause")  # after the current line
+            await until_message(listener, state_is(0, True))
+            await page.fill("#text", "A third line nobody will hear.")
+            await page.press("#text", "Enter")
+            await until_message(listener, state_is(1, True))
+            await page.click("#clear")
+            await until_message(listener, state_is(0, True))
+            await wait_for(page, "window.livevoice.messages.w3.state === 'cancelled'")
+            await wait_for(page, "window.livevoice.messages.w2.state === 'done'")
+            await shows(page, "#channel-state", "#main: 0 waiting · paused")
+            heard_ids = [m.id for m in listener.seen.messages if isinstance(m, AudioStart)]
+            assert heard_ids == ["w1", "w2"]
+            state = await hooks(page)
+            assert state["errors"] == [] and errors == []
+            assert state["counters"]["framesReceived"] == 0  # a speaker: the audio went out
         finally:
             await browser.close()

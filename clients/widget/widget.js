@@ -5,10 +5,14 @@
 //   voice    voice id to pin with voice.use                volume  0..1 (default 1)
 //   mode     overlay (transparent, queue + skip + volume) | chat (adds a text box and a clip picker)
 //   buffer   jitter buffer in ms before each message starts (default 80)
+//   channel  a channel of this tenant to join (SPEC.md "Channels"): the overlay joins it to listen
+//            (plays every message and shows its line: the OBS source beside a chat bot); chat
+//            joins it to speak, with the channel's queue controls (pause/resume, skip, clear)
+//   listen   with mode=chat and channel: 1 joins as "both", to hear the channel here as well
 //
 // One WebSocket session; PCM goes to an AudioWorklet (player-worklet.js) running at the stream's
-// sample rate. An overlay speaks what it is sent on BroadcastChannel("livevoice") as
-// {type:"speak", text} / {type:"skip"}, or through window.livevoice.speak(). Test hooks and
+// sample rate. An overlay without a channel speaks what it is sent on BroadcastChannel("livevoice")
+// as {type:"speak", text} / {type:"skip"}, or through window.livevoice.speak(). Test hooks and
 // counters live on window.livevoice.
 
 import * as lv from "./livevoice.js";
@@ -25,7 +29,13 @@ const config = {
   volume: numberParam("volume", 1, 0, 1),
   mode: params.get("mode") === "chat" ? "chat" : "overlay",
   bufferMs: numberParam("buffer", 80, 0, 2000),
+  channel: params.get("channel") || null,
+  listen: params.get("listen") === "1",
 };
+// An overlay only listens: it is the OBS source, and a listener may not steer the queue (the
+// server answers not_a_speaker). A chat page speaks; with listen=1 it hears the channel too.
+const channelRole = !config.channel ? null : config.mode === "overlay" ? "listen" : config.listen ? "both" : "speak";
+const isSpeaker = channelRole === "speak" || channelRole === "both";
 const CLIENT_NAME = "livevoice-widget/0.1";
 const TERMINAL = new Set(["done", "cancelled", "failed"]);
 
@@ -48,7 +58,13 @@ const hooks = {
     messagesFailed: 0,
     reconnects: 0,
     clipReuploads: 0,
+    messagesHeard: 0, // channel messages that started here as a listener
   },
+  // The channel joined (config.channel), as the server last said: its queue length and pause come
+  // from channel.state; `current` is the channel message this page is playing now.
+  channel: config.channel
+    ? { name: config.channel, role: channelRole, joined: false, joins: 0, waiting: 0, paused: false, current: null }
+    : null,
   // Per message with audio, by track (a page-wide number: stream numbers restart with each session):
   // {id, stream, frames, nextSeq, inOrder, samples, played, underruns, startFrame, endFrame}
   tracks: {},
@@ -57,6 +73,10 @@ const hooks = {
   speak,
   skip,
   cancelAll,
+  pause,
+  resume,
+  togglePause,
+  clear,
   register,
   useVoice,
   setVolume,
@@ -75,6 +95,13 @@ const ui = {
   voice: document.getElementById("voice"),
   overlayLink: document.getElementById("overlay-link"),
   enableAudio: document.getElementById("enable-audio"),
+  line: document.getElementById("line"),
+  lineUser: document.getElementById("line-user"),
+  lineText: document.getElementById("line-text"),
+  channelControls: document.getElementById("channel-controls"),
+  pause: document.getElementById("pause"),
+  clear: document.getElementById("clear"),
+  channelState: document.getElementById("channel-state"),
 };
 
 // --- audio ----------------------------------------------------------------------------------
@@ -121,12 +148,14 @@ function onPlayer(msg) {
   if (msg.type === "started") {
     s.startFrame = msg.frame;
     if (m && !TERMINAL.has(m.state)) m.state = "playing";
+    if (m && m.heard && hooks.channel) hooks.channel.current = m;
   } else if (msg.type === "underrun") {
     s.underruns += 1;
     hooks.counters.underruns += 1;
   } else if (msg.type === "finished") {
     s.played = msg.played;
     s.endFrame = msg.frame;
+    if (m && hooks.channel && hooks.channel.current === m) hooks.channel.current = null;
     if (m) {
       if (m.lost) finish(m, "failed", { code: "connection_lost", message: "the connection dropped" });
       else if (m.skipped || msg.skipped || (m.end && m.end.cancelled)) finish(m, "cancelled");
@@ -196,6 +225,7 @@ function connect() {
 
 function onClose(event) {
   ws = null;
+  if (hooks.channel) hooks.channel.joined = false;
   for (const p of pendingVoice) p.reject(new lv.LivevoiceError("connection_lost", "the connection dropped"));
   pendingVoice = [];
   for (const m of Object.values(hooks.messages)) {
@@ -260,6 +290,13 @@ async function onReady(msg) {
     }
   }
   if (ws !== sock) return; // dropped again meanwhile
+  if (config.channel) {
+    // Joined again on every connection: a new session is a new member. The server keeps no
+    // replay of a channel's recent audio yet (SPEC.md: planned), so a listener that reconnects
+    // (or a refreshed OBS source) hears the messages that start after it joined; what was
+    // playing when the socket dropped plays out from what had arrived.
+    send(lv.channelJoin(config.channel, channelRole, { sampleRate: hooks.sampleRate, id: `join${hooks.channel.joins + 1}` }));
+  }
   if (reconnect) hooks.counters.reconnects += 1;
   keepAlive(sock, msg.limits.idle_timeout_s);
   attempt = 0;
@@ -302,23 +339,32 @@ function onControl(msg) {
       }
       break;
     case "audio.start":
+      if (msg.channel != null) {
+        onHeardStart(msg);
+        break;
+      }
       if (!m) break;
-      m.stream = msg.stream;
-      m.track = ++lastTrack;
-      m.sampleRate = msg.sample_rate;
-      sessionTracks.set(msg.stream, m.track);
+      startTrack(m, msg);
       if (!TERMINAL.has(m.state) && !m.skipped) m.state = "streaming";
-      hooks.tracks[m.track] = {
-        id: msg.id, stream: msg.stream, frames: 0, nextSeq: 0, inOrder: true, samples: 0,
-        played: 0, underruns: 0, startFrame: null, endFrame: null,
-      };
-      player.port.postMessage({ type: "start", track: m.track });
       if (m.skipped) player.port.postMessage({ type: "skip", track: m.track });
       break;
     case "audio.end":
+      if (msg.channel != null) {
+        onHeardEnd(msg);
+        break;
+      }
       if (!m) break;
       m.end = msg;
       if (m.track != null) player.port.postMessage({ type: "end", track: m.track });
+      else if (hooks.channel) finish(m, msg.cancelled ? "cancelled" : "done"); // its completion: the audio went to the listeners
+      break;
+    case "channel.joined":
+      hooks.channel.joined = true;
+      hooks.channel.joins += 1;
+      break;
+    case "channel.state":
+      hooks.channel.waiting = msg.waiting;
+      hooks.channel.paused = msg.paused;
       break;
     case "cancelled":
       if (m) {
@@ -338,6 +384,45 @@ function onControl(msg) {
       break;
   }
   render();
+}
+
+function startTrack(m, msg) {
+  m.stream = msg.stream;
+  m.track = ++lastTrack;
+  m.sampleRate = msg.sample_rate;
+  sessionTracks.set(msg.stream, m.track);
+  hooks.tracks[m.track] = {
+    id: m.id, stream: msg.stream, frames: 0, nextSeq: 0, inOrder: true, samples: 0,
+    played: 0, underruns: 0, startFrame: null, endFrame: null,
+  };
+  player.port.postMessage({ type: "start", track: m.track });
+}
+
+/** A channel message heard as a listener. Its wire id is the producer's (another session's ids
+ * may equal this page's own), so it is kept under an id of its own: `c<track>`. */
+function onHeardStart(msg) {
+  const m = {
+    id: `c${lastTrack + 1}`, wireId: msg.id, text: msg.text ?? "", user: msg.user ?? null,
+    kind: msg.kind ?? null, voice: msg.voice ?? null, channel: msg.channel, heard: true,
+    state: "streaming", position: null, stream: null, track: null, end: null, skipped: false,
+    serverCancelled: false, error: null,
+  };
+  hooks.messages[m.id] = m;
+  hooks.counters.messagesHeard += 1;
+  startTrack(m, msg);
+}
+
+function onHeardEnd(msg) {
+  const s = hooks.tracks[sessionTracks.get(msg.stream)];
+  const m = s && hooks.messages[s.id];
+  if (!m) return;
+  m.end = msg;
+  if (msg.cancelled) {
+    // Skipped or cancelled in the channel: the audio stops there, not after what is buffered.
+    m.skipped = true;
+    player.port.postMessage({ type: "skip", track: m.track });
+  }
+  player.port.postMessage({ type: "end", track: m.track });
 }
 
 function onAudio(frame) {
@@ -443,8 +528,13 @@ function speak(text) {
   return id;
 }
 
-/** Skips what is playing now (or, if nothing is, the oldest waiting message). */
+/** Skips what is playing now (or, if nothing is, the oldest waiting message). In a channel, a
+ * speaker skips the channel's current message for every listener; a listener only stops it here. */
 function skip() {
+  if (isSpeaker) {
+    send(lv.channelSkip());
+    return hooks.channel.current ? hooks.channel.current.id : null;
+  }
   const live = Object.values(hooks.messages).filter((m) => !TERMINAL.has(m.state) && !m.skipped);
   const m = live.find((x) => x.state === "playing") || live[0];
   if (!m) return null;
@@ -457,6 +547,25 @@ function skip() {
   }
   render();
   return m.id;
+}
+
+/** The channel's queue controls (a speaker's): pause after the current message, resume, drop
+ * every waiting message. What they did comes back as channel.state. */
+function pause() {
+  send(lv.channelPause());
+}
+
+function resume() {
+  send(lv.channelResume());
+}
+
+function togglePause() {
+  if (hooks.channel.paused) resume();
+  else pause();
+}
+
+function clear() {
+  send(lv.channelClear());
 }
 
 function cancelAll() {
@@ -492,13 +601,31 @@ function render() {
     }),
   );
   ui.skip.disabled = !rows.some((m) => !TERMINAL.has(m.state));
+  const ch = hooks.channel;
+  if (ch) {
+    const line = ch.current;
+    ui.line.hidden = !line; // an overlay shows nothing between messages
+    ui.lineUser.textContent = line && line.user ? line.user : "";
+    ui.lineText.textContent = line ? line.text : "";
+    if (line && line.kind) ui.line.dataset.kind = line.kind;
+    else delete ui.line.dataset.kind;
+    ui.app.dataset.paused = String(ch.paused);
+    if (isSpeaker) {
+      ui.channelState.textContent = ch.joined
+        ? `#${ch.name}: ${ch.waiting} waiting${ch.paused ? " · paused" : ""}`
+        : `#${ch.name}: not joined`;
+      ui.pause.textContent = ch.paused ? "Resume" : "Pause";
+      ui.pause.disabled = ui.skip.disabled = ui.clear.disabled = !ch.joined;
+    }
+  }
   if (config.mode === "chat") {
     ui.voice.textContent = v ? `${v.voice_id} · ${v.source} · ${v.ms.toFixed(0)} ms` : "no voice yet";
     if (v) {
       const link = new URL(location.href);
       link.search = "";
       link.searchParams.set("mode", "overlay");
-      link.searchParams.set("voice", v.voice_id);
+      if (config.channel) link.searchParams.set("channel", config.channel); // plays what this page says
+      else link.searchParams.set("voice", v.voice_id);
       if (config.token) link.searchParams.set("token", config.token);
       ui.overlayLink.href = link.href;
       ui.overlayLink.hidden = false;
@@ -509,10 +636,22 @@ function render() {
 function init() {
   ui.app.className = config.mode;
   document.documentElement.classList.add(config.mode);
+  if (channelRole) document.documentElement.classList.add(`channel-${channelRole}`);
+  ui.channelControls.hidden = !isSpeaker;
   ui.chat.hidden = config.mode !== "chat";
   ui.volume.value = String(config.volume);
   ui.volume.addEventListener("input", () => setVolume(ui.volume.value));
-  ui.skip.addEventListener("click", () => skip());
+  const button = (el, action) =>
+    el.addEventListener("click", () => {
+      try {
+        action();
+      } catch (exc) {
+        report(exc.code || "client_error", exc.message); // offline: the buttons wait for the rejoin
+      }
+    });
+  button(ui.skip, skip);
+  button(ui.pause, togglePause);
+  button(ui.clear, clear);
   ui.chat.addEventListener("submit", (event) => {
     event.preventDefault();
     const text = ui.text.value.trim();
@@ -525,7 +664,7 @@ function init() {
     const file = ui.clip.files && ui.clip.files[0];
     if (file) register(file).catch((exc) => report(exc.code || "client_error", exc.message));
   });
-  if ("BroadcastChannel" in window && config.mode === "overlay") {
+  if ("BroadcastChannel" in window && config.mode === "overlay" && !config.channel) {
     new BroadcastChannel("livevoice").onmessage = (event) => {
       const d = event.data || {};
       if (d.type === "speak" && typeof d.text === "string") speak(d.text);
