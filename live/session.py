@@ -45,7 +45,7 @@ from .speaker import Speaker
 from .tenants import PUBLIC_TENANT
 from .text import clean_text
 from .transport import Transport, asend_frames
-from .values import Purge
+from .values import Purge, ResolvedVoice
 from .voice_requests import VoiceRequests
 
 if TYPE_CHECKING:
@@ -280,7 +280,10 @@ class Session:
         priority, interrupt = speak.priority or 0, bool(speak.interrupt)
         position = self.channel.admit(speak.id, priority=priority, interrupt=interrupt)
         job = self.protocol.accept_speak(speak, position=position)
-        voice = asyncio.ensure_future(self.voice.avoice_of(self.protocol, job))
+        if speak.voice_id is not None:  # R16: a voice of its own, resolved beside the queue
+            voice = asyncio.ensure_future(self._amessage_voice(speak.voice_id))
+        else:
+            voice = asyncio.ensure_future(self.voice.avoice_of(self.protocol, job))
         voice.add_done_callback(_retrieved)
         message = ChannelMessage(
             self.seat,
@@ -293,6 +296,18 @@ class Session:
             expire_s=speak.expire_s,
         )
         self.channel.put(message)
+
+    async def _amessage_voice(self, voice_id: str) -> ResolvedVoice:
+        """A channel message's own voice (R16), without pinning it: ``voice_not_found`` for an
+        id this tenant does not have ends that message alone."""
+        try:
+            _, resolved = await self.services.store.ause(self.tenant, voice_id)
+        except LivevoiceError:
+            raise
+        except Exception as exc:
+            self.log.error("failed to resolve a message's voice", exc_info=exc)
+            raise InternalError("the server failed to resolve this message's voice") from exc
+        return resolved
 
     def _control(
         self, message: ChannelPause | ChannelResume | ChannelSkip | ChannelClear | Cancel

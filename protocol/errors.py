@@ -238,6 +238,13 @@ class InternalError(ServerFailure):
     code = "internal_error"
 
 
+class Expired(RequestRejected):
+    """A channel message still waiting ``expire_s`` after it was queued: dropped unspoken (a
+    chat line that old is no longer worth hearing)."""
+
+    code = "expired"
+
+
 def all_codes() -> dict[str, type[LivevoiceError]]:
     """Every wire code, mapped to its class (the spec test checks SPEC.md lists them all).
 
@@ -252,10 +259,3 @@ def all_codes() -> dict[str, type[LivevoiceError]]:
             codes[cls.code] = cls
         stack.extend(cls.__subclasses__())
     return codes
-
-
-class Expired(RequestRejected):
-    """A channel message still waiting ``expire_s`` after it was queued: dropped unspoken (a
-    chat line that old is no longer worth hearing)."""
-
-    code = "expired"

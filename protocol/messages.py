@@ -152,6 +152,9 @@ class Speak(Message):
     expire_s: float | None = None
     """Channel messages only: dropped (``expired``) if still waiting this many seconds after it
     was queued."""
+    voice_id: str | None = None
+    """Channel messages only: speak it in this voice of the tenant (a viewer's own voice)
+    instead of the producer's pinned one."""
 
 
 @dataclass(frozen=True, slots=True)

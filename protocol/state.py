@@ -62,6 +62,10 @@ The rules, numbered so code and tests can name them:
   ``queued.position`` counts what is ahead of it. An ``interrupt`` goes ahead of everything
   waiting and stops the current message (``audio.end`` ``cancelled: true``, as a skip). One
   still waiting ``expire_s`` after it was queued ends with the error ``expired``.
+- **R16 message voice.** A channel speak may name ``voice_id``, a voice of the tenant: it is
+  spoken in that voice instead of the producer's pinned one, so it needs no pinned voice (R5).
+  Resolved beside the queue; an id the tenant does not have ends that message with
+  ``voice_not_found`` and the channel goes on. Outside a channel it is ``unsupported``.
 """
 
 from __future__ import annotations
@@ -495,7 +499,7 @@ class ServerProtocol:
                 message_id=speak.id,
             )
         self._check_lanes(speak)
-        if self._voice is None:
+        if self._voice is None and speak.voice_id is None:  # R5, R16
             raise NoVoice("register or use a voice before speaking", message_id=speak.id)
         text = self.clean_text(speak.text)
         if not text:
@@ -517,10 +521,11 @@ class ServerProtocol:
 
     def _check_lanes(self, speak: Speak) -> None:
         """R15: lanes, interrupt and expiry are a channel's, within their bounds."""
-        options = (speak.priority, speak.interrupt, speak.expire_s)
+        options = (speak.priority, speak.interrupt, speak.expire_s, speak.voice_id)
         if self.membership is None and any(o is not None for o in options):
             raise Unsupported(
-                "priority, interrupt and expire_s are for channel messages (join a channel)",
+                "priority, interrupt, expire_s and voice_id are for channel messages "
+                "(join a channel)",
                 message_id=speak.id,
             )
         if speak.priority is not None and not 0 <= speak.priority <= MAX_PRIORITY:
@@ -535,11 +540,14 @@ class ServerProtocol:
         """Admit a speak ``receive_text`` returned (the server's own checks, such as a rate
         limit, passed): answer ``queued`` (R7). In a channel (R13) the job goes to the channel's
         queue, not this session's, and ``position`` is its place there."""
-        if self._voice is None:
+        voice = self._voice
+        if speak.voice_id is not None:  # R16: its own voice, as if pinned
+            voice = VoiceRequest(None, None, voice_id=speak.voice_id)
+        if voice is None:
             # receive_text checked it, but the server may have awaited its own checks since
             # (a rate limit in Redis) while a purge took the voice: the same answer, not a crash.
             raise NoVoice("the voice was deleted; register or use another", message_id=speak.id)
-        job = SpeakJob(speak.id, speak.text, speak.sample_rate, self._voice)
+        job = SpeakJob(speak.id, speak.text, speak.sample_rate, voice)
         if self.membership is not None:
             assert position is not None, "a channel speak is placed by its channel"
             self._channel_jobs[job.id] = job

@@ -29,7 +29,7 @@ from protocol.messages import (
 from protocol.state import channel_place
 from tests.fakes import GatedEngine
 from tests.server import live_server, raw_client
-from tests.test_channels import join, joined_protocol, producer, until_message
+from tests.test_channels import clip_wav, join, joined_protocol, producer, until_message
 
 
 # --- in memory ----------------------------------------------------------------------------------
@@ -217,3 +217,34 @@ async def test_an_interrupt_cuts_the_current_message_and_is_spoken_next(
             done = await until_message(bot, is_type(AudioEnd, name))
             assert isinstance(done, AudioEnd) and not done.cancelled
         assert engine.started == ["One. Two. Three.", "Now.", "Raid."]
+
+
+async def test_a_message_speaks_in_its_own_voice_and_an_unknown_one_fails_alone(
+    encoder_worker: EncoderWorker,
+) -> None:
+    """R16: a per-viewer voice from a speaker with no voice pinned; an unknown id ends that
+    message with voice_not_found and the next one is spoken."""
+    engine = GatedEngine(auto=True)
+    async with (
+        live_server(embedder=encoder_worker, engine=engine) as srv,
+        raw_client(srv) as owner,
+        raw_client(srv) as bot,
+        raw_client(srv) as overlay,
+    ):
+        ready = await owner.aregister(clip_wav())  # a viewer's voice, registered once
+        viewer_voice = ready.voice_id
+        await join(bot, "speak")  # this bot pins no voice of its own
+        await join(overlay, "listen")
+        await bot.asend({"type": "speak", "id": "m0", "text": "No voice."})
+        refused = await until_message(bot, is_type(Error, "m0"))
+        assert isinstance(refused, Error) and refused.code == "no_voice"
+        await bot.asend({"type": "speak", "id": "bad", "text": "Bad.", "voice_id": "v_nope"})
+        await bot.asend({"type": "speak", "id": "good", "text": "Good.", "voice_id": viewer_voice})
+        failed = await until_message(bot, is_type(Error, "bad"))
+        assert isinstance(failed, Error) and failed.code == "voice_not_found"
+        start = await until_message(overlay, is_type(AudioStart))
+        assert isinstance(start, AudioStart) and start.id == "good"
+        assert start.voice == viewer_voice
+        done = await until_message(bot, is_type(AudioEnd, "good"))
+        assert isinstance(done, AudioEnd) and not done.cancelled and done.duration_ms == 500
+        assert engine.started == ["Good."]

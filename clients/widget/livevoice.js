@@ -43,6 +43,7 @@ export const CLIENT_MESSAGES = {
     F("priority", "int"),
     F("interrupt", "bool"),
     F("expire_s", "float"),
+    F("voice_id", "str"),
   ],
   cancel: [F("id", "str")],
   ping: [F("id", "str")],
@@ -193,8 +194,8 @@ export const hello = ({ token, client, protocol = PROTOCOL_VERSION } = {}) => en
 export const voiceRegister = ({ name, format, id } = {}) => encode({ type: "voice.register", name, format, id });
 export const voiceUse = (voiceId, { id } = {}) => encode({ type: "voice.use", voice_id: voiceId, id });
 export const voiceDelete = (voiceId, { id } = {}) => encode({ type: "voice.delete", voice_id: voiceId, id });
-export const speak = (id, text, { sampleRate, user, kind, priority, interrupt, expireS } = {}) =>
-  encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind, priority, interrupt, expire_s: expireS });
+export const speak = (id, text, { sampleRate, user, kind, priority, interrupt, expireS, voiceId } = {}) =>
+  encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind, priority, interrupt, expire_s: expireS, voice_id: voiceId });
 export const channelJoin = (channel, role, { sampleRate, id } = {}) =>
   encode({ type: "channel.join", channel, role, sample_rate: sampleRate, id });
 export const channelPause = (id) => encode({ type: "channel.pause", id });
