@@ -15,7 +15,7 @@ from typing import Any
 
 from .harness import ROOT
 
-SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory")
+SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory", "fanout")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         description="Benchmark the voice cache and the live path against a real server and a "
         "real redis-server on loopback; print a table, write results.json and PNG plots.",
         epilog="Sizes: SCENARIO.FIELD=VALUE, e.g. hot_voices.registrations=2000 "
-        "live_sessions.levels=1,4,8 outage.seconds=30 lookup.n=50 memory.l1_voices=5000. "
+        "live_sessions.levels=1,4,8 outage.seconds=30 lookup.n=50 memory.l1_voices=5000 "
+        "fanout.levels=1,10,50. "
         "Fields and defaults: "
         + "; ".join(
             f"{name}: " + ", ".join(f"{k}={v}" for k, v in section.items())

@@ -101,12 +101,28 @@ class MemorySizes:
 
 
 @dataclass
+class FanoutSizes:
+    levels: tuple[int, ...] = (1, 5, 10, 25, 50)
+    """Listeners on the one channel, one level after another."""
+    messages: int = 16
+    """The producer's fixed schedule: this many chat messages, one every ``interval_s``."""
+    interval_s: float = 0.75
+    rates: tuple[int, ...] = (48000,)
+    """Listening rates, dealt to the listeners in turn."""
+    per_process: int = 25
+    """Listeners per listener process."""
+    drain_s: float = 30.0
+    """How long after the last message is due a level may take to end."""
+
+
+@dataclass
 class Sizes:
     lookup: LookupSizes = dataclasses.field(default_factory=LookupSizes)
     hot_voices: HotVoicesSizes = dataclasses.field(default_factory=HotVoicesSizes)
     live_sessions: LiveSessionsSizes = dataclasses.field(default_factory=LiveSessionsSizes)
     outage: OutageSizes = dataclasses.field(default_factory=OutageSizes)
     memory: MemorySizes = dataclasses.field(default_factory=MemorySizes)
+    fanout: FanoutSizes = dataclasses.field(default_factory=FanoutSizes)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -118,6 +134,7 @@ class Sizes:
             ),
             OutageSizes(seconds=9.0, voices=20, clients=8, recovery_wait_s=10.0),
             MemorySizes(redis_keys=1000, l1_voices=1000, evicting_puts=200),
+            FanoutSizes(levels=(1, 5, 10), messages=6, interval_s=0.75, rates=(48000, 16000)),
         )
 
     def override(self, assignment: str) -> None:

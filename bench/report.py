@@ -170,6 +170,33 @@ def headline_rows(results: Results) -> list[tuple[str, str, str]]:
             ),
             (s, "process RSS with them", _fmt(g(s, "process_rss_mb_with_l1"), "MB")),
         ]
+    fanout = scenarios.get("fanout", {})
+    if "summary" in fanout:
+        s = "fanout"
+        for lv in fanout.get("levels", []):
+            rows.append(
+                (
+                    s,
+                    f"{lv['listeners']} listeners: CPU s per audio s, TTFA from due p50 / p99",
+                    f"{_fmt(lv['cpu_per_audio_s'])}, {_fmt(lv['ttfa_ms']['p50'])} / "
+                    f"{_fmt(lv['ttfa_ms']['p99'], 'ms')}",
+                )
+            )
+        rows += [
+            (
+                s,
+                "per extra listener: CPU s per audio s, TTFA p50 / p99",
+                f"{_fmt(g(s, 'cpu_per_audio_s_per_extra_listener'))}, "
+                f"{_fmt(g(s, 'ttfa_p50_ms_per_extra_listener'))} / "
+                f"{_fmt(g(s, 'ttfa_p99_ms_per_extra_listener'), 'ms')}",
+            ),
+            (
+                s,
+                "engine calls minus messages, frames lost, cut loose",
+                f"{_fmt(g(s, 'engine_calls_minus_messages'))}, {_fmt(g(s, 'frames_lost'))}, "
+                f"{_fmt(g(s, 'cut_loose'))}",
+            ),
+        ]
     for name, scenario in scenarios.items():
         if "error" in scenario:
             rows.append((name, "FAILED", str(scenario["error"])[:80]))
@@ -432,12 +459,55 @@ def plot_memory(data: Results, results: Results, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_fanout(data: Results, results: Results, path: Path) -> None:
+    plt = _pyplot()
+    levels = data["levels"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    if levels:
+        n = [lv["listeners"] for lv in levels]
+        axes[0].plot(n, [lv["cpu_per_audio_s"] for lv in levels], "o-", color="#264653")
+        axes[0].set_ylim(bottom=0)
+        axes[0].set_xlabel("listeners on the channel")
+        axes[0].set_ylabel("server CPU s per audio s")
+        axes[0].set_xticks(n)
+        axes[0].grid(True, alpha=0.3)
+        axes[0].set_title("Server CPU (one synthesis per message)")
+        for key, style, label in (
+            ("ttfa_ms", "o-", "TTFA p50 (listener, from due)"),
+            ("server_ttfa_ms", "s-", "TTFA p50 (server, synthesis)"),
+        ):
+            axes[1].plot(
+                n,
+                [np.nan if lv[key]["p50"] is None else lv[key]["p50"] for lv in levels],
+                style,
+                label=label,
+            )
+        axes[1].plot(
+            n,
+            [np.nan if lv["ttfa_ms"]["p99"] is None else lv["ttfa_ms"]["p99"] for lv in levels],
+            "o--",
+            label="TTFA p99 (listener, from due)",
+        )
+        axes[1].set_ylim(bottom=0)
+        axes[1].set_xlabel("listeners on the channel")
+        axes[1].set_ylabel("ms")
+        axes[1].set_xticks(n)
+        axes[1].grid(True, alpha=0.3)
+        axes[1].legend()
+        axes[1].set_title("Time to first audio per listener")
+    fig.suptitle(f"Channel fan-out (Piper) — {_subtitle(results)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 PLOTS: dict[str, Callable[[Results, Results, Path], None]] = {
     "lookup": plot_lookup,
     "hot_voices": plot_hot_voices,
     "live_sessions": plot_live_sessions,
     "outage": plot_outage,
     "memory": plot_memory,
+    "fanout": plot_fanout,
 }
 
 
@@ -497,6 +567,7 @@ def markdown(results: Results, images: dict[str, str]) -> str:
         ("live_sessions", "3. Live sessions"),
         ("outage", "4. Redis outage"),
         ("memory", "5. Memory"),
+        ("fanout", "6. Fan-out"),
     ]
     for name, title in sections:
         data = sc.get(name)
@@ -638,6 +709,8 @@ def markdown(results: Results, images: dict[str, str]) -> str:
                 f"{s['registrations_over_1s']} took over 1 s.",
                 "",
             ]
+        elif name == "fanout":
+            out += fanout_markdown(data)
         elif name == "memory":
             s = data["summary"]
             rows = [[k, _fmt(v)] for k, v in s.items()]
@@ -645,6 +718,57 @@ def markdown(results: Results, images: dict[str, str]) -> str:
         if name in images:
             out += [f"![{title}]({images[name]})", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def fanout_markdown(data: Results) -> list[str]:
+    """The fan-out section's table and its invariants (lines of markdown)."""
+    rows = []
+    for lv in data["levels"]:
+        rows.append(
+            [
+                str(lv["listeners"]),
+                f"{lv['spoken']}/{lv['messages']}",
+                str(lv["engine_calls"]),
+                _fmt(lv["audio_s"]),
+                _fmt(lv["server_cpu_s"]),
+                _fmt(lv["cpu_per_audio_s"]),
+                f"{_fmt(lv['ttfa_ms']['p50'])} / {_fmt(lv['ttfa_ms']['p99'])}",
+                f"{_fmt(lv['server_ttfa_ms']['p50'])} / {_fmt(lv['server_ttfa_ms']['p99'])}",
+                str(lv["frames_lost"]),
+                str(lv["cut_loose"]),
+                str(lv["messages_missing"]),
+            ]
+        )
+    s = data["summary"]
+    return [
+        _md_table(
+            [
+                "listeners",
+                "spoken",
+                "engine calls",
+                "audio s",
+                "server CPU s",
+                "CPU s per audio s",
+                "TTFA from due p50 / p99 ms",
+                "server TTFA p50 / p99 ms",
+                "frames lost",
+                "cut loose",
+                "messages missing",
+            ],
+            rows,
+        ),
+        "",
+        "Per extra listener (least-squares slope over the levels): "
+        f"**{_fmt(s.get('cpu_per_audio_s_per_extra_listener'))} CPU s per audio s**, "
+        f"TTFA p50 {_fmt(s.get('ttfa_p50_ms_per_extra_listener'), 'ms')}, "
+        f"p99 {_fmt(s.get('ttfa_p99_ms_per_extra_listener'), 'ms')}."
+        + (
+            f" Levels skipped for time: {data['skipped_levels']}."
+            if data.get("skipped_levels")
+            else ""
+        ),
+        "",
+    ]
 
 
 def write_docs(results: Results, plots: list[Path], docs_dir: Path) -> Path:

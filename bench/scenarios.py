@@ -1,4 +1,4 @@
-"""The five scenarios. Each takes the shared context, its sizes and a deadline, and returns a dict
+"""The six scenarios. Each takes the shared context, its sizes and a deadline, and returns a dict
 with a flat ``summary`` of numbers (the table and the smoke test read it), the details, the raw
 series the plots draw, and ``method``: how it was measured, in words.
 """
@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from live.services import StoreFactory
     from live.testing.server import LiveServer
     from live.voices import Embedder, ResolvedVoice, VoiceStore
+
+    from .harness import FanoutSizes
 
 
 def _recording_store(seen: list[tuple[str, float]]) -> StoreFactory:
@@ -987,12 +990,249 @@ async def arun_memory(ctx: BenchContext, sizes: MemorySizes, deadline: float) ->
     }
 
 
+# === 6. fan-out ===============================================================================
+FANOUT_CHANNEL = "fanout"
+
+
+async def _aspawn(config: dict[str, Any]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.fanout_client",
+        orjson.dumps(config).decode(),
+        cwd=str(ROOT),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        limit=2**26,
+    )
+
+
+async def _aline(proc: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
+    """The process's next JSON line; its stderr in the error when it ends instead."""
+    assert proc.stdout is not None and proc.stderr is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        err = await asyncio.wait_for(proc.stderr.read(), 5)
+        raise RuntimeError(f"fan-out client ended: {err.decode(errors='replace')[-2000:]}")
+    data: dict[str, Any] = orjson.loads(line)
+    return data
+
+
+async def _afanout_level(
+    server: LiveServer, sizes: FanoutSizes, listeners: int, clip: str, deadline: float
+) -> dict[str, Any]:
+    """One level: ``listeners`` listeners in processes of their own, one producer process."""
+    texts = [SHORT_MESSAGES[i % len(SHORT_MESSAGES)] for i in range(sizes.messages)]
+    timeout = sizes.messages * sizes.interval_s + sizes.drain_s
+    common = {"url": server.ws_url, "channel": FANOUT_CHANNEL, "timeout_s": timeout}
+    groups = [
+        (first, min(sizes.per_process, listeners - first))
+        for first in range(0, listeners, sizes.per_process)
+    ]
+    procs = [
+        await _aspawn(
+            common
+            | {
+                "role": "listen",
+                "listeners": k,
+                "first": first,
+                "rates": list(sizes.rates),
+                "messages": sizes.messages,
+            }
+        )
+        for first, k in groups
+    ]
+    producer = await _aspawn(
+        common | {"role": "produce", "clip": clip, "texts": texts, "interval_s": sizes.interval_s}
+    )
+    everyone = [*procs, producer]
+    hub = server.services.channels
+    try:
+        for proc in everyone:  # every listener joined and the producer's voice ready
+            await _aline(proc, max(30.0, deadline - time.perf_counter()))
+        calls0 = getattr(hub, "engine_calls", 0)
+        cpu0 = time.process_time()
+        t0 = time.monotonic() + 0.2
+        assert producer.stdin is not None
+        producer.stdin.write(orjson.dumps({"t0": t0}) + b"\n")
+        await producer.stdin.drain()
+        wait = timeout + 30.0
+        produced = await _aline(producer, wait)
+        heard = [h for proc in procs for h in (await _aline(proc, wait))["listeners"]]
+        cpu = time.process_time() - cpu0
+        wall = time.monotonic() - t0
+        engine_calls = getattr(hub, "engine_calls", 0) - calls0
+    finally:
+        for proc in everyone:
+            with contextlib.suppress(ProcessLookupError):
+                if proc.returncode is None and proc.stdin is not None:
+                    proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    due = {f"f{i}": t for i, t in enumerate(produced["due"])}
+    ends = produced["ends"]
+    audio_s = sum((e.get("duration_ms") or 0.0) for e in ends.values()) / 1000
+    spoken = sum(1 for e in ends.values() if "error" not in e and not e.get("cancelled"))
+    ttfa: list[float] = []
+    per_listener_p50: list[float] = []
+    frames_lost = missing = cut_loose = 0
+    errors: Counter[str] = Counter()
+    samples_by_rate: dict[int, dict[str, set[int]]] = {}
+    for listener in heard:
+        errors.update(listener["errors"])
+        cut_loose += any(
+            e.startswith("socket ended") or e == "listener_too_slow" for e in listener["errors"]
+        )
+        mine: list[float] = []
+        for mid in due:
+            got = listener["messages"].get(mid)
+            if got is None or got[0] is None or got[3] is None or got[3] < 0 or got[5]:
+                missing += 1
+                continue
+            frames_lost += max(0, got[3] - got[1])
+            mine.append(got[0] - due[mid])
+            samples_by_rate.setdefault(listener["rate"], {}).setdefault(mid, set()).add(got[2])
+        ttfa += mine
+        if mine:
+            per_listener_p50.append(float(np.median(mine)))
+    # Same rate, same message: every listener got the same number of samples.
+    samples_differ = sum(
+        1 for by_id in samples_by_rate.values() for counts in by_id.values() if len(counts) > 1
+    )
+    return {
+        "listeners": listeners,
+        "listener_processes": len(procs),
+        "messages": sizes.messages,
+        "spoken": spoken,
+        "producer_errors": sorted(e["error"] for e in ends.values() if "error" in e),
+        "engine_calls": engine_calls,
+        "audio_s": round(audio_s, 3),
+        "server_cpu_s": round(cpu, 3),
+        "cpu_per_audio_s": _round(cpu / audio_s if audio_s else None, 4),
+        "wall_s": round(wall, 2),
+        "ttfa_ms": percentiles_ms(ttfa),
+        "listener_p50_spread_ms": _round(
+            (max(per_listener_p50) - min(per_listener_p50)) * 1000 if per_listener_p50 else None,
+            2,
+        ),
+        "server_ttfa_ms": percentiles_ms(
+            [e["ttfa_ms"] / 1000 for e in ends.values() if e.get("ttfa_ms") is not None]
+        ),
+        "send_late_ms": percentiles_ms(
+            [s - d for s, d in zip(produced["sent"], produced["due"], strict=False)]
+        ),
+        "frames_lost": frames_lost,
+        "messages_missing": missing,
+        "samples_differ": samples_differ,
+        "cut_loose": cut_loose,
+        "errors": dict(errors),
+        "samples": {
+            str(rate): {mid: sorted(c) for mid, c in by_id.items()}
+            for rate, by_id in samples_by_rate.items()
+        },
+        "ttfa_series_ms": [round(x * 1000, 2) for x in ttfa],
+    }
+
+
+def _slope(xs: list[float], ys: list[float | None]) -> float | None:
+    """Least-squares slope of ys over xs (None without two measured points)."""
+    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+        return None
+    slope = np.polyfit([x for x, _ in pts], [y for _, y in pts], 1)[0]
+    return float(slope)
+
+
+async def arun_fanout(ctx: BenchContext, sizes: FanoutSizes, deadline: float) -> dict[str, Any]:
+    import tempfile
+
+    levels: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    per_level_s = sizes.messages * sizes.interval_s + 5.0
+    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
+        clip = Path(tmp) / "producer.wav"
+        clip.write_bytes(ctx.bank.clip("fanout", 0))
+        async with ctx.aserver() as server, aiohttp.ClientSession() as http:
+            # Warm-up, before anything is measured: the producer's voice into the L1 and one
+            # message through Piper, so that no level pays the first inference.
+            async with WsSession.aopen(http, server.ws_url) as session:
+                await session.aregister(clip.read_bytes())
+                await session.asend(Speak(id="warm", text=SHORT_MESSAGES[0]))
+                while not isinstance(await session.anext_event(), SpeechEnded | SpeechFailed):
+                    pass
+            progress = Progress("fanout (levels)", len(sizes.levels))
+            for n in sizes.levels:
+                if time.perf_counter() + per_level_s > deadline:
+                    skipped.append(n)
+                    continue
+                levels.append(await _afanout_level(server, sizes, n, str(clip), deadline))
+                progress.advance()
+            progress.close()
+    xs = [float(lv["listeners"]) for lv in levels]
+    cpu_slope = _slope(xs, [lv["cpu_per_audio_s"] for lv in levels])
+    ttfa_slope = _slope(xs, [lv["ttfa_ms"]["p50"] for lv in levels])
+    ttfa99_slope = _slope(xs, [lv["ttfa_ms"]["p99"] for lv in levels])
+    summary: dict[str, Any] = {
+        "largest_level": max((lv["listeners"] for lv in levels), default=0),
+        "messages_per_level": sizes.messages,
+        "engine_calls_minus_messages": sum(lv["engine_calls"] - lv["messages"] for lv in levels),
+        "frames_lost": sum(lv["frames_lost"] for lv in levels),
+        "cut_loose": sum(lv["cut_loose"] for lv in levels),
+        "messages_missing": sum(lv["messages_missing"] for lv in levels),
+        "samples_differ": sum(lv["samples_differ"] for lv in levels),
+    }
+    if cpu_slope is not None:  # two levels or more: the added cost of one more listener
+        summary["cpu_per_audio_s_per_extra_listener"] = _round(cpu_slope, 5)
+    if ttfa_slope is not None and ttfa99_slope is not None:
+        summary["ttfa_p50_ms_per_extra_listener"] = _round(ttfa_slope, 3)
+        summary["ttfa_p99_ms_per_extra_listener"] = _round(ttfa99_slope, 3)
+    for lv in levels:
+        n = lv["listeners"]
+        summary[f"l{n}_cpu_per_audio_s"] = lv["cpu_per_audio_s"]
+        summary[f"l{n}_ttfa_p50_ms"] = lv["ttfa_ms"]["p50"]
+        summary[f"l{n}_ttfa_p99_ms"] = lv["ttfa_ms"]["p99"]
+        summary[f"l{n}_engine_calls"] = lv["engine_calls"]
+    return {
+        "summary": summary,
+        "levels": [{k: v for k, v in lv.items() if k != "ttfa_series_ms"} for lv in levels],
+        "skipped_levels": skipped,
+        "series": {str(lv["listeners"]): {"ttfa_ms": lv["ttfa_series_ms"]} for lv in levels},
+        "method": (
+            f"One channel, one producer, {', '.join(map(str, sizes.levels))} listeners in turn "
+            f"(listening at {', '.join(map(str, sizes.rates))} Hz, dealt in turn). The server "
+            "runs in the bench process (its event loop serves nothing else); the listeners "
+            f"({sizes.per_process} per process) and the producer are processes of their own "
+            "(python -m bench.fanout_client: aiohttp + protocol.ClientProtocol, uvloop). Once "
+            "every listener has joined and the producer's voice is ready, the producer sends a "
+            f"fixed schedule of {sizes.messages} short chat messages, one due every "
+            f"{sizes.interval_s:g} s, and the level ends when every listener has heard every "
+            "message's audio.end. Server CPU = time.process_time() of the bench process (the "
+            "server, its Piper threads included) over that window, divided by the audio "
+            "seconds spoken (the producer's audio.end duration_ms); the slope is the "
+            "least-squares fit over the levels. TTFA = a listener's first audio frame of a "
+            "message (its own clock, CLOCK_MONOTONIC shared by the processes) minus when the "
+            "message was due, for every listener and message; server TTFA = the producer's "
+            "audio.end ttfa_ms (synthesis start to first frame). Engine calls = the channel "
+            "hub's count over the window (must equal the messages). Frames lost = frames an "
+            "audio.end announced that the listener did not get; cut loose = a listener whose "
+            "socket ended or that was answered listener_too_slow; samples differ = a message "
+            "that two listeners at one rate got a different number of samples of."
+        ),
+    }
+
+
 RUNNERS: dict[str, Callable[[BenchContext, Any, float], Awaitable[dict[str, Any]]]] = {
     "lookup": arun_lookup,
     "hot_voices": arun_hot_voices,
     "live_sessions": arun_live_sessions,
     "outage": arun_outage,
     "memory": arun_memory,
+    "fanout": arun_fanout,
 }
 
 __all__ = ["RUNNERS", "WS_TIMEOUT", "play"]

@@ -1,10 +1,11 @@
 """The bench, run small, so that it cannot rot: every scenario reports numbers and draws its plot.
 
 Speed figures are printed, never asserted (they belong to docs/benchmarks.md); the bench's own
-invariants are: one encoder call per distinct voice with the cache on and one per registration
-with it off, every registration served from the tier it should be, no client-visible error in
-any scenario, and no registration slower than a second once Redis is back after an outage (a
-stall on a lock or a flapping breaker shows there first).
+invariants are: one synthesis per channel message however many listen, every listener hearing
+every message whole and none cut loose, one encoder call per distinct voice with the cache on
+and one per registration with it off, every registration served from the tier it should be,
+no client-visible error in any scenario, and no registration slower than a second once Redis is
+back after an outage (a stall on a lock or a flapping breaker shows there first).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ TINY = [
     "memory.redis_keys=200",
     "memory.l1_voices=200",
     "memory.evicting_puts=50",
+    "fanout.levels=1,3",
+    "fanout.messages=3",
+    "fanout.interval_s=0.5",
+    "fanout.rates=48000,16000",
+    "fanout.drain_s=20",
 ]
 
 
@@ -98,6 +104,25 @@ def test_bench_quick_run_reports_every_scenario(tmp_path: Path) -> None:
     assert outage["summary"]["first_redis_hit_after_s"] is not None, "Redis never served again"
     assert outage["summary"]["breaker_reopened_after_restart"] == 0, outage["breaker_transitions"]
     assert after["latency_ms"]["max"] < 1000, after  # no registration over 1 s once it is back
+
+    fanout = scenarios["fanout"]
+    assert [lv["listeners"] for lv in fanout["levels"]] == [1, 3], fanout["skipped_levels"]
+    for level in fanout["levels"]:
+        # One synthesis per message, fanned out: the engine ran once per message, not per
+        # listener; each message spoken; no listener cut loose or erring.
+        assert level["engine_calls"] == level["messages"] == level["spoken"] == 3, level
+        assert level["producer_errors"] == [] and level["errors"] == {}, level
+        assert level["cut_loose"] == 0, level
+        # Every listener got every message's audio.end with all the frames and samples it
+        # announced, and listeners at one rate got the same samples of each message.
+        assert level["messages_missing"] == 0 and level["frames_lost"] == 0, level
+        assert level["ttfa_ms"]["n"] == level["listeners"] * level["messages"], level
+        assert level["samples_differ"] == 0, level["samples"]
+        rates = {"48000", "16000"} if level["listeners"] > 1 else {"48000"}
+        assert set(level["samples"]) == rates, level["samples"]
+        for by_id in level["samples"].values():
+            assert len(by_id) == level["messages"], by_id
+            assert all(len(counts) == 1 and counts[0] > 0 for counts in by_id.values()), by_id
 
 
 def test_livevoice_bench_forwards_to_the_bench(capsys: pytest.CaptureFixture[str]) -> None:
