@@ -25,6 +25,7 @@ import numpy as np
 
 from protocol.errors import Expired, LivevoiceError, QueueFull, SynthesisFailed
 from protocol.state import ListenStream, Membership, ServerProtocol, SpeakJob, channel_place
+from protocol.wordfilter import WordFilter
 
 from .pcm import PcmFramer
 from .speech import SpeechEngine
@@ -46,6 +47,8 @@ class ChannelMessage:
     voice: asyncio.Future[ResolvedVoice]
     """The producer's voice for it, resolving beside the queue."""
     voice_id: str | None = None
+    own_voice: str | None = None
+    """The speak's ``voice_id`` (R16): a delete of that voice drops it while it waits."""
     user: str | None = None
     kind: str | None = None
     cancelled: bool = False
@@ -214,6 +217,9 @@ class Channel(Protocol):
     @property
     def name(self) -> str: ...
 
+    word_filter: WordFilter | None
+    """The streamer's filter for messages admitted from now (R17); None: off."""
+
     def admit(self, message_id: str, *, priority: int = 0, interrupt: bool = False) -> int:
         """The place a new message of that lane would take (messages ahead of it, R15);
         ``QueueFull`` when the queue is full."""
@@ -225,6 +231,7 @@ class Channel(Protocol):
     def resume(self) -> None: ...
     def skip(self) -> None: ...
     def clear(self) -> None: ...
+    def purge(self, voice_id: str) -> None: ...
     def leave(self, seat: Seat) -> None: ...
 
 
@@ -288,6 +295,7 @@ class LocalChannel:
     waiting: deque[ChannelMessage] = field(default_factory=deque)
     current: ChannelMessage | None = None
     paused: bool = False
+    word_filter: WordFilter | None = None
     _task: asyncio.Task[None] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -349,6 +357,11 @@ class LocalChannel:
     def clear(self) -> None:
         self._drop(list(self.waiting))
         self._broadcast()
+
+    def purge(self, voice_id: str) -> None:
+        """The tenant deleted ``voice_id`` (R16, R6): a message waiting to be spoken in it as
+        its own voice is forgotten with it and ends ``cancelled``."""
+        self._drop([m for m in self.waiting if m.own_voice == voice_id])
 
     def leave(self, seat: Seat) -> None:
         """The session is gone. Its messages whose voice has resolved stay queued; one whose

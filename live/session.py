@@ -10,6 +10,7 @@ units of their own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import LivevoiceError, ServerProtocol, SessionState
 from protocol.errors import (
+    Filtered,
     HelloTimeout,
     IdleTimeout,
     InternalError,
@@ -28,6 +30,7 @@ from protocol.errors import (
 from protocol.messages import (
     Cancel,
     ChannelClear,
+    ChannelFilter,
     ChannelJoin,
     ChannelPause,
     ChannelResume,
@@ -37,7 +40,7 @@ from protocol.messages import (
     VoiceDelete,
     VoiceUse,
 )
-from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES
+from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, word_filter
 
 from .channels import Channel, ChannelMessage, Seat
 from .pinned import PinnedVoice
@@ -99,6 +102,9 @@ class Session:
         self.seat: Seat | None = None
         """This session's place in its channel, once it joined one."""
         self.channel: Channel | None = None
+        self.filter_speaks = True
+        """Whether this producer's speaks go through the channel's word filter (R17); the
+        Speaker.bot endpoint clears it for a request without ``badWordFilter``."""
 
     # --- lifecycle --------------------------------------------------------------------------
     async def arun(self) -> None:
@@ -215,6 +221,9 @@ class Session:
             self._admit(message)
         elif isinstance(message, ChannelJoin):
             self._join(message)
+        elif isinstance(message, ChannelFilter) and self.channel is not None:
+            rules = word_filter(message)  # R17: the protocol checked and answered it
+            self.channel.word_filter = rules if rules.active else None
         elif isinstance(message, (*CHANNEL_CONTROLS, Cancel)):
             self._control(message)
         elif isinstance(message, VoiceUse):
@@ -277,6 +286,12 @@ class Session:
         if self.channel is None or self.seat is None:
             self.protocol.accept_speak(speak)
             return
+        rules = self.channel.word_filter
+        if rules is not None and self.filter_speaks:  # R17, on the cleaned text
+            text = rules.apply(speak.text)
+            if text is None:
+                raise Filtered("the channel's word filter drops this message", message_id=speak.id)
+            speak = dataclasses.replace(speak, text=text)
         priority, interrupt = speak.priority or 0, bool(speak.interrupt)
         position = self.channel.admit(speak.id, priority=priority, interrupt=interrupt)
         job = self.protocol.accept_speak(speak, position=position)
@@ -291,6 +306,7 @@ class Session:
             voice,
             user=speak.user,
             kind=speak.kind,
+            own_voice=speak.voice_id,
             priority=priority,
             interrupt=interrupt,
             expire_s=speak.expire_s,
@@ -344,6 +360,8 @@ class Session:
         by that delete."""
         if purge.tenant != self.tenant or purge.voice_id is None:
             return
+        if self.channel is not None:  # R16: messages waiting in that voice go with it
+            self.channel.purge(purge.voice_id)
         if self.protocol.purge(purge.voice_id):
             self.voice.release()
             self.speaker.wake()

@@ -306,6 +306,8 @@ class SpeakerbotConnection:
             )
             failed(answer, f"voice alias {alias!r}: ")
             self.bridge.pinned = voice_id
+        # The channel's word filter (R17), if it has one, only where Speaker.bot would filter.
+        self.bridge.session.filter_speaks = request.get("badWordFilter") is True
         speak = {"type": "speak", "id": speech_id, "text": message}
         failed(await self.bridge.arequest(speech_id, speak, "queued"))
         return result

@@ -25,6 +25,7 @@ from .messages import (
     AudioStart,
     Cancel,
     Cancelled,
+    ChannelFiltered,
     ChannelJoin,
     ChannelJoined,
     ChannelState,
@@ -180,6 +181,13 @@ class ChannelHeardEnded(Event):
 @dataclass(frozen=True, slots=True)
 class ChannelStateChanged(Event):
     state: ChannelState
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelFilterSet(Event):
+    """``channel.filtered``: the channel's word filter now in effect (R17)."""
+
+    filtered: ChannelFiltered
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +362,8 @@ class ClientProtocol:
             return ChannelJoinAnswered(message, message.id, message)
         if isinstance(message, ChannelState):
             return ChannelStateChanged(message, message)
+        if isinstance(message, ChannelFiltered):
+            return ChannelFilterSet(message, message)
         if isinstance(message, VoiceReady | VoiceDeleted):
             return self._on_voice(message)
         if isinstance(message, Pong):

@@ -245,6 +245,12 @@ class Expired(RequestRejected):
     code = "expired"
 
 
+class Filtered(RequestRejected):
+    """A channel speak with a word the channel's filter drops (R17): not queued."""
+
+    code = "filtered"
+
+
 def all_codes() -> dict[str, type[LivevoiceError]]:
     """Every wire code, mapped to its class (the spec test checks SPEC.md lists them all).
 

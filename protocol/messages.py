@@ -67,6 +67,9 @@ def _matches(value: Any, hint: Any) -> bool:
         return any(_matches(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
     if origin is not None:
         hint = origin
     if hint is bool:
@@ -202,6 +205,23 @@ class ChannelClear(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelFilter(Message):
+    """Sets the channel's word filter for messages admitted after it (R17); an empty list
+    without ``links`` turns it off."""
+
+    TYPE: ClassVar[str] = "channel.filter"
+    words: list[str]
+    """Literal words, each with at most one ``*`` (any run of letters or digits), matched
+    case-insensitively as whole words."""
+    action: str = "mask"
+    """``mask`` (a matched word is spoken as "beep") or ``drop`` (the message is refused
+    ``filtered``)."""
+    links: bool = False
+    """Speak URLs as "link"."""
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Cancel(Message):
     """Stops one message (``id``) or, without ``id``, the current one and everything queued."""
 
@@ -330,6 +350,19 @@ class ChannelState(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelFiltered(Message):
+    """The answer to ``channel.filter``: the filter in effect for messages admitted from now."""
+
+    TYPE: ClassVar[str] = "channel.filtered"
+    channel: str
+    words: int
+    """Patterns in the filter (0: no word filter)."""
+    action: str
+    links: bool
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Cancelled(Message):
     """A queued message dropped by ``cancel`` before any of its audio was sent."""
 
@@ -367,6 +400,7 @@ CLIENT_MESSAGES: dict[str, type[Message]] = {
         ChannelResume,
         ChannelSkip,
         ChannelClear,
+        ChannelFilter,
     )
 }
 SERVER_MESSAGES: dict[str, type[Message]] = {
@@ -383,5 +417,6 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
         Error,
         ChannelJoined,
         ChannelState,
+        ChannelFiltered,
     )
 }

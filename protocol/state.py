@@ -65,7 +65,15 @@ The rules, numbered so code and tests can name them:
 - **R16 message voice.** A channel speak may name ``voice_id``, a voice of the tenant: it is
   spoken in that voice instead of the producer's pinned one, so it needs no pinned voice (R5).
   Resolved beside the queue; an id the tenant does not have ends that message with
-  ``voice_not_found`` and the channel goes on. Outside a channel it is ``unsupported``.
+  ``voice_not_found`` and the channel goes on. Outside a channel it is ``unsupported``. A
+  waiting message whose ``voice_id`` is deleted (R6's purge) ends ``cancelled``, unspoken.
+- **R17 word filter.** ``channel.filter`` (speak role, else ``not_a_speaker``) sets the
+  channel's filter for messages admitted after it: at most ``MAX_WORDS`` patterns of
+  ``MAX_WORD_CHARS``, each a literal word with at most one ``*``, an ``action`` (``mask`` or
+  ``drop``) and ``links``; out of bounds it is ``unsupported``. Answered ``channel.filtered``.
+  Off by default. Applied to a speak's cleaned text (``WordFilter.apply``): a matched word is
+  spoken as "beep", or the speak is refused ``filtered`` (not queued); with ``links`` a URL is
+  spoken as "link".
 """
 
 from __future__ import annotations
@@ -105,6 +113,8 @@ from .messages import (
     Cancel,
     Cancelled,
     ChannelClear,
+    ChannelFilter,
+    ChannelFiltered,
     ChannelJoin,
     ChannelJoined,
     ChannelPause,
@@ -125,6 +135,7 @@ from .messages import (
     VoiceRegister,
     VoiceUse,
 )
+from .wordfilter import WordFilter
 
 CLIP_FORMATS = ("wav", "flac", "ogg", "mp3")
 SAMPLE_RATES = (16000, 22050, 24000, 48000)
@@ -150,6 +161,13 @@ def channel_place(waiting: list[int], priority: int, *, interrupt: bool = False)
         if ahead < priority:
             return index
     return len(waiting)
+
+
+def word_filter(message: ChannelFilter) -> WordFilter:
+    """The filter a ``channel.filter`` sets (R17); ``unsupported`` out of bounds."""
+    return WordFilter.compile(
+        message.words, action=message.action, links=message.links, message_id=message.id
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +385,21 @@ class ServerProtocol:
             return self._check_speak(message)
         elif isinstance(message, ChannelJoin):
             self._check_join(message)
+        elif isinstance(message, ChannelFilter):
+            if self.membership is None or not self.membership.speaks:  # R17
+                raise NotASpeaker(
+                    f"{message.TYPE} needs a channel joined to speak", message_id=message.id
+                )
+            rules = word_filter(message)
+            self._send(
+                ChannelFiltered(
+                    channel=self.membership.channel,
+                    words=len(rules.literals) + len(rules.wildcards),
+                    action=rules.action,
+                    links=rules.links,
+                    id=message.id,
+                )
+            )
         elif isinstance(message, CHANNEL_CONTROLS):
             if self.membership is None or not self.membership.speaks:  # R13
                 raise NotASpeaker(

@@ -23,7 +23,8 @@ export class LivevoiceError extends Error {
   }
 }
 
-// Field kinds, as in the Python dataclasses: str, int, float (any number), bool, dict (object).
+// Field kinds, as in the Python dataclasses: str, int, float (any number), bool, dict (object),
+// list:<kind> (an array of that kind: list[str] is "list:str").
 // [name, kind, required, default]: a default is filled in when the field is absent or null, as the
 // Python dataclass would; optional fields without one are left out.
 const F = (name, kind, required = false, dflt = undefined) => ({ name, kind, required, dflt });
@@ -52,6 +53,12 @@ export const CLIENT_MESSAGES = {
   "channel.resume": [F("id", "str")],
   "channel.skip": [F("id", "str")],
   "channel.clear": [F("id", "str")],
+  "channel.filter": [
+    F("words", "list:str", true),
+    F("action", "str", false, () => "mask"),
+    F("links", "bool", false, () => false),
+    F("id", "str"),
+  ],
 };
 
 export const SERVER_MESSAGES = {
@@ -101,6 +108,13 @@ export const SERVER_MESSAGES = {
   error: [F("code", "str", true), F("message", "str", true), F("id", "str")],
   "channel.joined": [F("channel", "str", true), F("role", "str", true), F("id", "str")],
   "channel.state": [F("channel", "str", true), F("waiting", "int", true), F("paused", "bool", true)],
+  "channel.filtered": [
+    F("channel", "str", true),
+    F("words", "int", true),
+    F("action", "str", true),
+    F("links", "bool", true),
+    F("id", "str"),
+  ],
 };
 
 /** Every error code in SPEC.md. */
@@ -111,7 +125,7 @@ export const ERROR_CODES = [
   "voice_not_found", "voice_unavailable", "clip_empty", "clip_not_audio", "clip_silent", "clip_too_short",
   "clip_too_long", "clip_too_large", "clip_not_speech", "encoder_failed", "encoder_busy", "voice_failed",
   "empty_text", "text_too_long", "queue_full", "duplicate_id",
-  "unsupported_sample_rate", "synthesis_failed", "bad_channel", "not_a_speaker", "listener_too_slow", "expired", "internal_error",
+  "unsupported_sample_rate", "synthesis_failed", "bad_channel", "not_a_speaker", "listener_too_slow", "expired", "filtered", "internal_error",
 ];
 
 const isObject = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
@@ -129,6 +143,10 @@ function matches(value, kind) {
     case "dict":
       return isObject(value);
     default:
+      // "list:<kind>": an array whose every item is of that kind (Python's list[...]).
+      if (kind.startsWith("list:")) {
+        return Array.isArray(value) && value.every((v) => matches(v, kind.slice(5)));
+      }
       return true;
   }
 }
@@ -202,6 +220,8 @@ export const channelPause = (id) => encode({ type: "channel.pause", id });
 export const channelResume = (id) => encode({ type: "channel.resume", id });
 export const channelSkip = (id) => encode({ type: "channel.skip", id });
 export const channelClear = (id) => encode({ type: "channel.clear", id });
+export const channelFilter = (words, { action, links, id } = {}) =>
+  encode({ type: "channel.filter", words, action, links, id });
 export const cancel = (id) => encode({ type: "cancel", id });
 export const ping = (id) => encode({ type: "ping", id });
 
