@@ -28,7 +28,7 @@ from protocol.state import ListenStream, Membership, ServerProtocol, SpeakJob, c
 from protocol.wordfilter import WordFilter
 
 from .pcm import PcmFramer
-from .speech import SpeechEngine
+from .speech import SpeechEngine, anext_chunk
 from .values import ResolvedVoice
 
 log = logging.getLogger(__name__)
@@ -524,19 +524,5 @@ class LocalChannel:
         """The engine's next chunk, or None at its end or once the message is stopped."""
         if message.cancelled:
             return None
-        nxt = asyncio.ensure_future(anext(chunks))
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not nxt.done():
-                nxt.cancel()
-                await asyncio.wait({nxt})  # the generator must be idle before aclose()
-        if nxt.cancelled():
-            return None
-        try:
-            chunk = nxt.result()
-        except StopAsyncIteration:
-            return None
+        chunk = await anext_chunk(chunks, self._stop)
         return None if message.cancelled else chunk

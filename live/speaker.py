@@ -20,7 +20,7 @@ from protocol.state import ServerProtocol, SpeakJob
 
 from .pcm import PcmFramer
 from .pinned import PinnedVoice
-from .speech import SpeechEngine
+from .speech import SpeechEngine, anext_chunk
 
 
 class Speaker:
@@ -121,21 +121,5 @@ class Speaker:
         """The engine's next chunk, or None at its end or as soon as the job is cancelled."""
         if job.cancelled:
             return None
-        nxt = asyncio.ensure_future(anext(chunks))
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not nxt.done():
-                # Interrupts the engine where it waits. Work already handed to a model thread
-                # finishes there and is dropped; the engine closes itself after it.
-                nxt.cancel()
-                await asyncio.wait({nxt})  # the generator must be idle before aclose()
-        if nxt.cancelled():
-            return None
-        try:
-            chunk = nxt.result()  # retrieved even when cancelled: no "never retrieved" warning
-        except StopAsyncIteration:
-            return None
+        chunk = await anext_chunk(chunks, self._stop)
         return None if job.cancelled else chunk

@@ -81,6 +81,34 @@ def phoneme_pieces(phonemes: Sequence[str], limit: int = MAX_PHONEMES) -> list[l
     return [piece for piece in pieces if any(p != " " for p in piece)]
 
 
+async def anext_chunk(
+    chunks: AsyncGenerator[np.ndarray, None], stop: asyncio.Event
+) -> np.ndarray | None:
+    """An engine stream's next chunk, or None at its end or as soon as ``stop`` is set.
+
+    Stopping interrupts the engine where it waits; work already handed to a model thread
+    finishes there and is dropped, and the engine closes itself after it.
+    """
+    if stop.is_set():
+        return None
+    nxt = asyncio.ensure_future(anext(chunks))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not nxt.done():
+            nxt.cancel()
+            await asyncio.wait({nxt})  # the generator must be idle before aclose()
+    if nxt.cancelled():
+        return None
+    try:
+        chunk = nxt.result()  # retrieved even when stopped: no "never retrieved" warning
+    except StopAsyncIteration:
+        return None
+    return None if stop.is_set() else chunk
+
+
 class PiperEngine:
     """Piper (VITS, onnxruntime): a chunk per sentence, or per piece of ``max_phonemes``.
 
