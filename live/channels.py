@@ -48,7 +48,8 @@ class ChannelMessage:
     """The producer's voice for it, resolving beside the queue."""
     voice_id: str | None = None
     own_voice: str | None = None
-    """The speak's ``voice_id`` (R16): a delete of that voice drops it while it waits."""
+    """The voice id it is spoken in, when known at admission: the speak's ``voice_id`` (R16)
+    or the producer's pinned voice (R6). A delete of that voice drops it while it waits."""
     user: str | None = None
     kind: str | None = None
     cancelled: bool = False
@@ -359,8 +360,8 @@ class LocalChannel:
         self._broadcast()
 
     def purge(self, voice_id: str) -> None:
-        """The tenant deleted ``voice_id`` (R16, R6): a message waiting to be spoken in it as
-        its own voice is forgotten with it and ends ``cancelled``."""
+        """The tenant deleted ``voice_id`` (R16, R6): a message waiting to be spoken in it,
+        its own or its producer's pinned voice, is forgotten with it and ends ``cancelled``."""
         self._drop([m for m in self.waiting if m.own_voice == voice_id])
 
     def leave(self, seat: Seat) -> None:

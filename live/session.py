@@ -306,7 +306,8 @@ class Session:
             voice,
             user=speak.user,
             kind=speak.kind,
-            own_voice=speak.voice_id,
+            # A pending registration's id is not known yet: such a message is not matched.
+            own_voice=speak.voice_id or self.protocol.pinned_voice_id,
             priority=priority,
             interrupt=interrupt,
             expire_s=speak.expire_s,

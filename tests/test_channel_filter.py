@@ -178,3 +178,36 @@ async def test_a_waiting_message_whose_voice_is_deleted_is_not_spoken(
         await bot.await_type("pong")
         assert engine.started == []
         assert not any(isinstance(m, AudioStart) for m in overlay.seen.messages)
+
+
+async def test_a_waiting_message_in_the_producers_deleted_voice_is_not_spoken(
+    encoder_worker: EncoderWorker,
+) -> None:
+    """R6 in a channel: the producer's pinned voice is deleted while its messages wait in the
+    channel; they end cancelled for it, unspoken, as its own queue's would."""
+    engine = GatedEngine(auto=True)
+    async with (
+        live_server(embedder=encoder_worker, engine=engine) as srv,
+        raw_client(srv) as bot,
+        raw_client(srv) as overlay,
+    ):
+        ready = await bot.aregister(clip_wav())
+        await join(bot, "speak")
+        await join(overlay, "listen")
+        await bot.asend({"type": "channel.pause"})
+        await until_message(overlay, state(0, True))
+        for n in (1, 2):
+            await bot.asend({"type": "speak", "id": f"m{n}", "text": f"Message {n}."})
+            await until_message(bot, is_type(Queued, f"m{n}"))
+        await until_message(overlay, state(2, True))
+        await bot.asend({"type": "voice.delete", "voice_id": ready.voice_id, "id": "d1"})
+        for n in (1, 2):
+            ended = await until_message(bot, lambda m, n=n: getattr(m, "id", None) == f"m{n}")
+            assert isinstance(ended, Cancelled), ended
+        await until_message(overlay, state(0, True))
+        await bot.asend({"type": "channel.resume"})
+        await until_message(overlay, state(0, False))
+        await bot.asend({"type": "ping", "id": "p"})
+        await bot.await_type("pong")
+        assert engine.started == []
+        assert not any(isinstance(m, AudioStart) for m in overlay.seen.messages)
