@@ -27,7 +27,7 @@ from protocol.errors import Expired, LivevoiceError, QueueFull, SynthesisFailed
 from protocol.state import ListenStream, Membership, ServerProtocol, SpeakJob, channel_place
 from protocol.wordfilter import WordFilter
 
-from .pcm import PcmFramer
+from .pcm import AudioCap, PcmFramer
 from .speech import SpeechEngine, anext_chunk
 from .values import ResolvedVoice
 
@@ -466,9 +466,8 @@ class LocalChannel:
             rate: PcmFramer(engine.sample_rate, rate, hub._frame_ms)
             for rate in {s.sample_rate for s in listeners}
         }
-        budget = int(hub._max_message_audio_s * engine.sample_rate)
+        cap = AudioCap(hub._max_message_audio_s, engine.sample_rate)
         spoken = 0
-        truncated = False
         started = time.perf_counter()
         ttfa: float | None = None
 
@@ -486,12 +485,10 @@ class LocalChannel:
         chunks = engine.stream(message.job.text, voice.embedding)
         try:
             while (chunk := await self._next_chunk(chunks, message)) is not None:
-                if len(chunk) > budget:
-                    chunk, truncated = chunk[:budget], True
-                budget -= len(chunk)
+                chunk = cap.take(chunk)
                 spoken += len(chunk)
                 offer({rate: framer.feed(chunk) for rate, framer in framers.items()})
-                if truncated:
+                if cap.reached:
                     break
         finally:
             await chunks.aclose()
@@ -500,11 +497,11 @@ class LocalChannel:
         ttfa_ms = round((ttfa or 0.0) * 1000, 3)
         for seat in listeners:
             seat.offer_end(
-                message, ttfa_ms=ttfa_ms, cancelled=message.cancelled, truncated=truncated
+                message, ttfa_ms=ttfa_ms, cancelled=message.cancelled, truncated=cap.reached
             )
         duration_ms = round(spoken * 1000 / engine.sample_rate, 3)
         message.seat.spoken(
-            message.job, duration_ms=duration_ms, ttfa_ms=ttfa_ms, truncated=truncated
+            message.job, duration_ms=duration_ms, ttfa_ms=ttfa_ms, truncated=cap.reached
         )
 
     async def _until_stopped(self, voice: asyncio.Future[ResolvedVoice]) -> ResolvedVoice | None:

@@ -58,3 +58,20 @@ class PcmFramer:
         tail = bytes(self._pending)
         self._pending.clear()
         return tail
+
+
+class AudioCap:
+    """The engine samples one message may produce (``max_message_audio_s``): what one message
+    can cost, however long its text expands."""
+
+    def __init__(self, seconds: float, sample_rate: int) -> None:
+        self._left = int(seconds * sample_rate)
+        self.reached = False
+        """True once a chunk was cut: the rest of the message is not spoken (``truncated``)."""
+
+    def take(self, chunk: np.ndarray) -> np.ndarray:
+        """The part of ``chunk`` within the cap."""
+        if len(chunk) > self._left:
+            chunk, self.reached = chunk[: self._left], True
+        self._left -= len(chunk)
+        return chunk

@@ -18,7 +18,7 @@ import numpy as np
 from protocol.errors import LivevoiceError, SynthesisFailed
 from protocol.state import ServerProtocol, SpeakJob
 
-from .pcm import PcmFramer
+from .pcm import AudioCap, PcmFramer
 from .pinned import PinnedVoice
 from .speech import SpeechEngine, anext_chunk
 
@@ -80,9 +80,7 @@ class Speaker:
             return  # cancelled while it waited for its voice
         await self._flush()
         framer = PcmFramer(engine.sample_rate, rate, self.frame_ms)
-        # Engine samples this message may produce: a cap on what one message can cost.
-        budget = int(self.max_message_audio_s * engine.sample_rate)
-        truncated = False
+        cap = AudioCap(self.max_message_audio_s, engine.sample_rate)
         started = time.perf_counter()
         ttfa: float | None = None
 
@@ -98,13 +96,10 @@ class Speaker:
         chunks = engine.stream(job.text, voice.embedding)
         try:
             while (chunk := await self._anext_chunk(chunks, job)) is not None:
-                if len(chunk) > budget:
-                    chunk, truncated = chunk[:budget], True
-                budget -= len(chunk)
-                for frame in framer.feed(chunk):
+                for frame in framer.feed(cap.take(chunk)):
                     if not await send(frame):
                         break
-                if truncated:
+                if cap.reached:
                     self._log.info("message %s reached the audio cap", job.id[:64])
                     break
         finally:
@@ -113,7 +108,7 @@ class Speaker:
             await send(tail)
         if ttfa is not None:
             self._on_ttfa(ttfa)
-        self._protocol.end_audio(job, ttfa_ms=round((ttfa or 0.0) * 1000, 3), truncated=truncated)
+        self._protocol.end_audio(job, ttfa_ms=round((ttfa or 0.0) * 1000, 3), truncated=cap.reached)
 
     async def _anext_chunk(
         self, chunks: AsyncGenerator[np.ndarray, None], job: SpeakJob
