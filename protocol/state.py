@@ -200,6 +200,32 @@ class ListenStream:
     ended: bool = False
 
 
+def _audio_end(
+    message_id: str,
+    stream: int,
+    frames: int,
+    samples: int,
+    sample_rate: int,
+    *,
+    ttfa_ms: float,
+    cancelled: bool,
+    truncated: bool,
+    channel: str | None = None,
+) -> AudioEnd:
+    """The ``audio.end`` of a stream, its duration counted from the samples sent (R10)."""
+    return AudioEnd(
+        id=message_id,
+        stream=stream,
+        frames=frames,
+        samples=samples,
+        duration_ms=round(samples * 1000 / sample_rate, 3),
+        ttfa_ms=ttfa_ms,
+        cancelled=cancelled,
+        truncated=truncated,
+        channel=channel,
+    )
+
+
 class SessionState(enum.Enum):
     AWAIT_HELLO = "await_hello"
     OPEN = "open"
@@ -691,12 +717,12 @@ class ServerProtocol:
             return
         heard.ended = True
         self._send(
-            AudioEnd(
-                id=heard.id,
-                stream=heard.stream,
-                frames=heard.frames,
-                samples=heard.samples,
-                duration_ms=round(heard.samples * 1000 / heard.sample_rate, 3),
+            _audio_end(
+                heard.id,
+                heard.stream,
+                heard.frames,
+                heard.samples,
+                heard.sample_rate,
                 ttfa_ms=ttfa_ms,
                 cancelled=cancelled,
                 truncated=truncated,
@@ -777,12 +803,12 @@ class ServerProtocol:
         """The job's audio is complete (or stopped by cancel): ``audio.end`` (R10)."""
         if job.ended or job.stream is None or job.sample_rate is None:
             return
-        end = AudioEnd(
-            id=job.id,
-            stream=job.stream,
-            frames=job.frames,
-            samples=job.samples,
-            duration_ms=round(job.samples * 1000 / job.sample_rate, 3),
+        end = _audio_end(
+            job.id,
+            job.stream,
+            job.frames,
+            job.samples,
+            job.sample_rate,
             ttfa_ms=ttfa_ms,
             cancelled=job.cancelled,
             truncated=truncated,
