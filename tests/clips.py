@@ -10,6 +10,7 @@ from live.testing.clips import (
     piper_speech,
     quantize,
     reference_clip,
+    reference_wav,
     to_16k,
     wav_bytes,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "piper_speech",
     "quantize",
     "reference_clip",
+    "reference_wav",
     "to_16k",
     "wav_bytes",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,3 +144,24 @@ async def raw_client(server: LiveServer, *, hello: bool = True) -> AsyncIterator
             assert ready.TYPE == "ready", ready
         yield client
         assert not client.broken_promises, client.broken_promises
+
+
+async def until_true(check: Callable[[], bool], what: str, timeout_s: float = TIMEOUT) -> None:
+    """Poll a condition seen from outside (a counter, a set) until it holds, bounded."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def until_message(
+    client: RawClient, match: Callable[[Message], bool], timeout: float = TIMEOUT
+) -> Message:
+    """The next control message that matches; audio and others met on the way are kept."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        message = await client.anext(max(0.01, deadline - loop.time()))
+        if match(message):
+            return message

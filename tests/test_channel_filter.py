@@ -21,10 +21,10 @@ from protocol.messages import (
     VoiceDeleted,
 )
 from protocol.wordfilter import MAX_WORD_CHARS, MAX_WORDS, WordFilter
+from tests.clips import reference_wav
 from tests.fakes import GatedEngine
-from tests.server import live_server, raw_client
-from tests.test_channel_lanes import is_type, state
-from tests.test_channels import clip_wav, join, joined_protocol, producer, until_message
+from tests.server import live_server, raw_client, until_message
+from tests.test_channels import is_type, join, joined_protocol, producer, state
 
 
 # --- in memory ----------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ async def test_a_waiting_message_whose_voice_is_deleted_is_not_spoken(
         raw_client(srv) as bot,
         raw_client(srv) as overlay,
     ):
-        ready = await owner.aregister(clip_wav())
+        ready = await owner.aregister(reference_wav())
         viewer_voice = ready.voice_id
         await join(bot, "speak")
         await join(overlay, "listen")
@@ -191,7 +191,7 @@ async def test_a_waiting_message_in_the_producers_deleted_voice_is_not_spoken(
         raw_client(srv) as bot,
         raw_client(srv) as overlay,
     ):
-        ready = await bot.aregister(clip_wav())
+        ready = await bot.aregister(reference_wav())
         await join(bot, "speak")
         await join(overlay, "listen")
         await bot.asend({"type": "channel.pause"})

@@ -7,8 +7,6 @@ timing (the audio itself is not what these tests are about).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import orjson
 import pytest
 
@@ -19,17 +17,16 @@ from protocol.errors import LivevoiceError
 from protocol.messages import (
     AudioEnd,
     AudioStart,
-    ChannelState,
     Error,
     Hello,
-    Message,
     Queued,
     Speak,
 )
 from protocol.state import channel_place
+from tests.clips import reference_wav
 from tests.fakes import GatedEngine
-from tests.server import live_server, raw_client
-from tests.test_channels import clip_wav, join, joined_protocol, producer, until_message
+from tests.server import live_server, raw_client, until_message
+from tests.test_channels import is_type, join, joined_protocol, producer, state
 
 
 # --- in memory ----------------------------------------------------------------------------------
@@ -112,14 +109,6 @@ def test_options_are_for_channel_messages_only(fields: dict[str, object]) -> Non
 
 
 # --- end to end ---------------------------------------------------------------------------------
-def state(waiting: int, paused: bool) -> Callable[[Message], bool]:
-    return lambda m: isinstance(m, ChannelState) and (m.waiting, m.paused) == (waiting, paused)
-
-
-def is_type(kind: type[Message], id: str | None = None) -> Callable[[Message], bool]:
-    return lambda m: isinstance(m, kind) and (id is None or getattr(m, "id", None) == id)
-
-
 async def test_paid_messages_are_spoken_before_chat_each_lane_in_order(
     encoder_worker: EncoderWorker,
 ) -> None:
@@ -231,7 +220,7 @@ async def test_a_message_speaks_in_its_own_voice_and_an_unknown_one_fails_alone(
         raw_client(srv) as bot,
         raw_client(srv) as overlay,
     ):
-        ready = await owner.aregister(clip_wav())  # a viewer's voice, registered once
+        ready = await owner.aregister(reference_wav())  # a viewer's voice, registered once
         viewer_voice = ready.voice_id
         await join(bot, "speak")  # this bot pins no voice of its own
         await join(overlay, "listen")

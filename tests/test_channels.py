@@ -45,22 +45,16 @@ from protocol.messages import (
     Queued,
     Speak,
 )
-from tests.clips import reference_clip, wav_bytes
+from tests.clips import reference_wav
 from tests.fakes import GatedEngine
-from tests.server import LiveServer, RawClient, live_server, raw_client
-
-
-def clip_wav() -> bytes:
-    pcm, sr = reference_clip("piper")
-    return wav_bytes(pcm, sr)
-
-
-async def until_true(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+from tests.server import (
+    LiveServer,
+    RawClient,
+    live_server,
+    raw_client,
+    until_message,
+    until_true,
+)
 
 
 class CountingEngine:
@@ -80,6 +74,15 @@ class CountingEngine:
         pass
 
 
+def state(waiting: int, paused: bool) -> Callable[[Message], bool]:
+    """Matches the ``channel.state`` with this queue length and pause."""
+    return lambda m: isinstance(m, ChannelState) and (m.waiting, m.paused) == (waiting, paused)
+
+
+def is_type(kind: type[Message], id: str | None = None) -> Callable[[Message], bool]:
+    return lambda m: isinstance(m, kind) and (id is None or getattr(m, "id", None) == id)
+
+
 async def join(client: RawClient, role: str, sample_rate: int | None = None) -> None:
     message: dict[str, Any] = {"type": "channel.join", "channel": "main", "role": role}
     if sample_rate is not None:
@@ -90,20 +93,8 @@ async def join(client: RawClient, role: str, sample_rate: int | None = None) -> 
 
 
 async def producer(client: RawClient) -> None:
-    await client.aregister(clip_wav())
+    await client.aregister(reference_wav())
     await join(client, "speak")
-
-
-async def until_message(
-    client: RawClient, match: Callable[[Message], bool], timeout: float = 30.0
-) -> Message:
-    """The next control message that matches; audio and others met on the way are kept."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        message = await client.anext(max(0.01, deadline - loop.time()))
-        if match(message):
-            return message
 
 
 def heard(client: RawClient) -> list[tuple[AudioStart, AudioEnd | None, bytes]]:
@@ -396,7 +387,7 @@ async def test_a_session_that_joins_nothing_is_unaffected(encoder_worker: Encode
     ):
         await producer(bot)
         await join(overlay, "listen")
-        await alone.aregister(clip_wav())
+        await alone.aregister(reference_wav())
         await bot.asend({"type": "speak", "id": "m1", "text": "For the channel."})
         await alone.asend(
             {"type": "speak", "id": "m1", "text": "Mine alone.", "sample_rate": 16000}
@@ -418,7 +409,7 @@ async def test_the_python_client_speaks_into_and_listens_to_a_channel(
         LivevoiceClient(srv.ws_url) as bot,
         LivevoiceClient(srv.ws_url) as overlay,
     ):
-        await bot.aregister(clip_wav())
+        await bot.aregister(reference_wav())
         joined = await bot.ajoin("main", "speak")
         assert joined.role == "speak"
         await overlay.ajoin("main", "listen", sample_rate=16000)

@@ -24,16 +24,18 @@ from protocol.messages import (
     Queued,
     VoiceReady,
 )
-from tests.clips import espeak_speech, flac_bytes, quantize, reference_clip, wav_bytes
+from tests.clips import (
+    espeak_speech,
+    flac_bytes,
+    quantize,
+    reference_clip,
+    reference_wav,
+    wav_bytes,
+)
 from tests.fakes import GatedEngine
 from tests.server import LiveServer, RawClient, live_server, raw_client
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def clip_wav() -> bytes:
-    pcm, sr = reference_clip("piper")
-    return wav_bytes(pcm, sr)
 
 
 async def register(
@@ -186,7 +188,7 @@ async def test_first_audio_leaves_before_the_last_sentence_is_synthesized(
 ) -> None:
     engine = GatedEngine()
     async with live_server(embedder=encoder_worker, engine=engine) as srv, raw_client(srv) as c:
-        await register(c, clip_wav())
+        await register(c, reference_wav())
         await c.asend({"type": "speak", "id": "m", "text": "One. Two. Three. Four."})
         assert isinstance(await c.anext(), Queued)
         assert isinstance(await c.anext(), AudioStart)
@@ -203,7 +205,7 @@ async def test_messages_play_in_order_and_the_queue_is_bounded(
 ) -> None:
     engine = GatedEngine()
     async with live_server(embedder=encoder_worker, engine=engine) as srv, raw_client(srv) as c:
-        await register(c, clip_wav())
+        await register(c, reference_wav())
         limit = srv.settings.limits.max_queue
         for i in range(limit + 1):  # one is spoken now, `limit` wait
             await c.asend({"type": "speak", "id": f"m{i}", "text": f"Message {i}."})
@@ -266,7 +268,7 @@ async def test_cancel_stops_a_slow_listeners_audio_mid_sentence(
     the server mid-sentence, waiting for the socket. A cancel must cut that sentence at the next
     frame, not let the rest of it (dozens of frames at 48 kHz) through."""
     async with live_server(embedder=encoder_worker, engine=piper) as srv, slow_listener(srv) as c:
-        await register(c, clip_wav())
+        await register(c, reference_wav())
         await c.asend({"type": "speak", "id": "long", "text": LONG_MESSAGE, "sample_rate": 48000})
         start = await c.await_type("audio.start")
         assert isinstance(start, AudioStart)
@@ -290,7 +292,7 @@ async def test_cancel_all_drops_the_queue_and_stops_the_current_message(
 ) -> None:
     engine = GatedEngine()
     async with live_server(embedder=encoder_worker, engine=engine) as srv, raw_client(srv) as c:
-        await register(c, clip_wav())
+        await register(c, reference_wav())
         for i in range(4):
             await c.asend({"type": "speak", "id": f"m{i}", "text": "A. B. C. D."})
         start = await c.await_type("audio.start")
@@ -316,7 +318,7 @@ async def test_disconnect_stops_synthesis(encoder_worker: EncoderWorker) -> None
     async with live_server(embedder=encoder_worker, engine=engine) as srv:
         store = srv.services.store
         async with raw_client(srv) as c:
-            await register(c, clip_wav())
+            await register(c, reference_wav())
             await c.asend(
                 {"type": "speak", "id": "long", "text": " ".join(f"x{n}." for n in range(200))}
             )

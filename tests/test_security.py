@@ -23,7 +23,7 @@ from live.speech import PiperEngine
 from live.tenants import TenantDirectory, TokenBucket, hash_token, new_token, parse_entries
 from protocol.errors import Unauthorized
 from protocol.messages import AudioEnd, Cancelled, Error, Pong, Queued, VoiceDeleted, VoiceReady
-from tests.clips import espeak_speech, reference_clip, wav_bytes
+from tests.clips import espeak_speech, reference_wav, wav_bytes
 from tests.fakes import GatedEngine
 from tests.hostile import corpus
 from tests.redis_server import RedisServer, free_port
@@ -36,8 +36,7 @@ TOKENS = f"{ALICE[1]},{BOB[1]}"
 
 
 def clip() -> bytes:
-    pcm, sr = reference_clip("piper")
-    return wav_bytes(pcm, sr)
+    return reference_wav()
 
 
 async def hello(c: RawClient, token: str | None) -> None:

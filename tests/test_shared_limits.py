@@ -9,7 +9,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from live.tenants import sessions_key
 from protocol.messages import AudioEnd, Error, Queued
 from tests.fakes import GatedEngine
 from tests.redis_server import RedisServer, free_port
-from tests.server import LiveServer, RawClient, live_server, raw_client
+from tests.server import LiveServer, RawClient, live_server, raw_client, until_true
 from tests.test_security import ALICE, BOB, TOKENS, clip
 
 pytestmark = pytest.mark.timeout(180)
@@ -71,14 +71,6 @@ async def admitted(srv: LiveServer, token: str) -> str:
     """Open and close one session; what the server answered its hello."""
     async with session(srv, token) as (_, answer):
         return answer
-
-
-async def until_true(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_tenants_sessions_limit_holds_across_servers(redis_server: RedisServer) -> None:

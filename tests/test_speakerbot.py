@@ -8,7 +8,7 @@ Speekaboo documents Speaker.bot 0.1.4's (see ``live/speakerbot.py``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,10 +20,11 @@ from live.encoder import EncoderWorker
 from live.speakerbot import SPEAKERBOT, is_loopback, parse_voice_aliases
 from live.speech import PiperEngine
 from live.tenants import new_token
-from protocol.messages import AudioEnd, AudioStart, ChannelState, Message
+from protocol.messages import AudioEnd, AudioStart
+from tests.clips import reference_wav
 from tests.fakes import GatedEngine
-from tests.server import TIMEOUT, LiveServer, RawClient, live_server, raw_client
-from tests.test_channels import clip_wav, heard, join, until_message
+from tests.server import TIMEOUT, LiveServer, RawClient, live_server, raw_client, until_message
+from tests.test_channels import heard, join, state
 
 
 class SpeakerbotClient:
@@ -65,7 +66,7 @@ async def speakerbot_client(
 async def overlay_with_voice(server: LiveServer, overlay: RawClient) -> str:
     """The overlay registers the tenant's voice (what the streamer did once) and listens; the
     Speaker.bot alias ``EventVoice`` names that voice."""
-    ready = await overlay.aregister(clip_wav())
+    ready = await overlay.aregister(reference_wav())
     assert server.runner is not None
     server.runner.app[SPEAKERBOT].aliases["EventVoice"] = ready.voice_id
     await join(overlay, "listen")
@@ -76,10 +77,6 @@ def ok(reply: dict[str, Any], rid: str) -> dict[str, Any]:
     assert reply.get("id") == rid and reply.get("status") == "ok", reply
     result: dict[str, Any] = reply["result"]
     return result
-
-
-def state(waiting: int, paused: bool) -> Callable[[Message], bool]:
-    return lambda m: isinstance(m, ChannelState) and (m.waiting, m.paused) == (waiting, paused)
 
 
 def test_voice_aliases_and_loopback() -> None:

@@ -23,10 +23,12 @@ from protocol.messages import AudioEnd, Error, Pong, Queued, VoiceDeleted, Voice
 from tests.clips import reference_clip, wav_bytes
 from tests.fakes import GatedEngine
 from tests.redis_server import RedisServer
-from tests.server import LiveServer, RawClient, live_server, raw_client
+from tests.server import LiveServer, RawClient, live_server, raw_client, until_true
 from tests.test_security import ALICE, BOB, TOKENS, clip
 
 pytestmark = pytest.mark.timeout(180)
+WAIT_S = 20.0
+"""Bound on each wait for an event seen from outside."""
 
 
 def a_server(encoder: SpeakerEncoder, **overrides: Any) -> AbstractAsyncContextManager[LiveServer]:
@@ -50,16 +52,6 @@ async def expect(c: RawClient, kind: str) -> object:
 async def first_audio(c: RawClient) -> None:
     """Read until an audio frame arrives (control messages on the way are kept in ``seen``)."""
     await c.anext_frame(30)
-
-
-async def until_true(check: object, what: str, timeout_s: float = 20.0) -> None:
-    """Poll a condition (a callable returning bool) until it holds: an event seen from outside."""
-    assert callable(check)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 # --- item 1: a tenant's delete never touches another tenant's voice ------------------------------
@@ -266,7 +258,7 @@ async def test_records_redis_refused_are_written_when_it_returns(
         store = s1.services.store
         assert store._unsaved, "the record waits for Redis"
         redis_server.start()
-        await until_true(lambda: not store._unsaved, "the record written back")
+        await until_true(lambda: not store._unsaved, "the record written back", WAIT_S)
         raw = aioredis.from_url(redis_server.url)
         try:
             assert await raw.exists(record_key(ready.voice_id))
@@ -302,7 +294,9 @@ async def test_a_hung_redis_answers_voice_unavailable_and_clients_keep_the_voice
                 )
                 async with client:
                     use = asyncio.create_task(client.ause(ready.voice_id))
-                    await until_true(lambda: client.voice_retries >= 1, "a retried voice.use")
+                    await until_true(
+                        lambda: client.voice_retries >= 1, "a retried voice.use", WAIT_S
+                    )
                     redis_server.resume()
                     pinned = await asyncio.wait_for(use, 20)
                     assert pinned.voice_id == ready.voice_id and client.voice is not None
@@ -334,12 +328,16 @@ async def test_clients_dropping_mid_audio_leave_no_pins(
                 server_ws = next(ws for ws in services.sockets if not ws.closed)
                 assert server_ws._writer is not None
                 protocol = server_ws._writer.protocol
-                await until_true(lambda p=protocol: p._paused, "the server's sends backed up")
+                await until_true(
+                    lambda p=protocol: p._paused, "the server's sends backed up", WAIT_S
+                )
                 connection = c.ws._response.connection
                 assert connection is not None and connection.transport is not None
                 connection.transport.abort()  # unread data: the kernel answers with a reset
                 await until_true(
-                    lambda: services.metrics.sessions._value.get() == 0, "the session closed"
+                    lambda: services.metrics.sessions._value.get() == 0,
+                    "the session closed",
+                    WAIT_S,
                 )
         assert services.store.l1.pinned == set()
         assert services.metrics.pinned_voices._value.get() == 0
@@ -393,7 +391,7 @@ async def test_purge_notices_reach_other_servers_but_not_their_origin(
         finally:
             await raw.aclose()
         assert await origin.adelete_voice("ge2e-test", Purge("alice", "v_echo", fp, False))
-        await until_true(lambda: bool(heard["other"]), "the other server's notice")
+        await until_true(lambda: bool(heard["other"]), "the other server's notice", WAIT_S)
         assert heard["other"] == [Purge("alice", "v_echo", fp, True)]
         assert heard["origin"] == []
     finally:

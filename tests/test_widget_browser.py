@@ -16,7 +16,7 @@ from live.encoder import EncoderWorker
 from live.speech import PiperEngine
 from protocol.messages import AudioEnd, AudioStart, ChannelJoined, ChannelState, Message
 from tests.clips import reference_clip, wav_bytes
-from tests.server import LiveServer, RawClient, live_server, raw_client
+from tests.server import LiveServer, RawClient, live_server, raw_client, until_message
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -251,18 +251,6 @@ async def channel_bot(client: RawClient, role: str = "speak") -> str:
     joined = await client.await_type("channel.joined")
     assert isinstance(joined, ChannelJoined) and joined.role == role
     return voice_id
-
-
-async def until_message(
-    client: RawClient, match: Callable[[Message], bool], timeout: float = TIMEOUT_MS / 1000
-) -> Message:
-    """The next control message that matches; others and audio met on the way are kept."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        message = await client.anext(max(0.01, deadline - loop.time()))
-        if match(message):
-            return message
 
 
 OVERLAY_JOINED = (

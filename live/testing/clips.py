@@ -78,6 +78,11 @@ def reference_clip(kind: Literal["piper", "espeak"] = "piper") -> tuple[Pcm, int
     raise ValueError(f"unknown reference kind {kind!r}")
 
 
+def reference_wav(kind: Literal["piper", "espeak"] = "piper") -> bytes:
+    """The reference clip as WAV bytes: what a client uploads with ``voice.register``."""
+    return wav_bytes(*reference_clip(kind))
+
+
 def to_16k(pcm: npt.ArrayLike, sr: int) -> Pcm:
     """Resample mono float audio to 16 kHz (the speaker encoder's rate)."""
     x = np.asarray(pcm, dtype=np.float32)
