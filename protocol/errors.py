@@ -136,6 +136,13 @@ class VoiceUnavailable(ServerFailure):
     retryable = True
 
 
+class ChannelUnavailable(ServerFailure):
+    """The store a channel's queue lives in (Redis) did not answer: nothing was queued. Retry."""
+
+    code = "channel_unavailable"
+    retryable = True
+
+
 class ClipEmpty(RequestRejected):
     code = "clip_empty"
 

@@ -172,6 +172,11 @@ class ChannelJoin(Message):
     sample_rate: int | None = None
     """The rate this listener hears the channel at: the engine's native rate when absent."""
     id: str | None = None
+    resume_message: str | None = None
+    """A listener coming back: the channel message (``audio.start``'s ``message``) it last
+    played; what followed is replayed from the channel's buffer of recent audio."""
+    resume_seq: int | None = None
+    """The sequence number, in that message, of the last frame it played (see ``resumed_from``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +314,15 @@ class AudioStart(Message):
     """The id of the voice it is spoken in."""
     user: str | None = None
     kind: str | None = None
+    message: str | None = None
+    """The channel's own key for the message: the same on every server and across reconnects
+    (what a listener passes back in ``channel.join``'s ``resume_message``)."""
+    replayed: bool | None = None
+    """True: spoken again from its start: the server speaking the channel stopped mid-way (it died)
+    and another one took the channel over."""
+    resumed_from: int | None = None
+    """The message's own sequence number of this stream's frame 0 (absent: 0): a listener
+    that resumed mid-way hears the rest of it from there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +350,9 @@ class ChannelJoined(Message):
     channel: str
     role: str
     id: str | None = None
+    resumed: bool | None = None
+    """Set when the join asked to resume: true, the replay from there follows; false, that
+    message is no longer in the channel's buffer of recent audio (live from now)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,14 @@ The rules, numbered so code and tests can name them:
   Off by default. Applied to a speak's cleaned text (``WordFilter.apply``): a matched word is
   spoken as "beep", or the speak is refused ``filtered`` (not queued); with ``links`` a URL is
   spoken as "link".
+- **R18 resume.** A listener's ``audio.start`` names the channel's key for the message
+  (``message``), the same on every server. A ``channel.join`` (listen or both) may pass back
+  the last one it played and that frame's sequence number in the message (``resume_message``,
+  ``resume_seq``; the two come together, else ``bad_message``): ``channel.joined`` says
+  ``resumed``, and when true the rest of that message (``resumed_from`` on its ``audio.start``:
+  the message's sequence number of the stream's frame 0) and every message after it are
+  replayed from the channel's buffer of recent audio before it hears the channel live. A
+  message spoken again because the server speaking it died mid-way comes with ``replayed``.
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ from typing import Any
 from .codec import AudioFrame, decode_client, encode
 from .errors import (
     BadChannel,
+    BadMessage,
     ClipEmpty,
     ClipExpected,
     ClipTooLarge,
@@ -632,12 +641,23 @@ class ServerProtocol:
                 f"sample_rate must be one of {', '.join(map(str, self.sample_rates))}",
                 message_id=join.id,
             )
+        if (join.resume_message is None) != (join.resume_seq is None):  # R18
+            raise BadMessage("resume_message and resume_seq come together", message_id=join.id)
+        if join.resume_message is not None and join.resume_seq is not None:
+            if join.role == "speak":
+                raise BadMessage("only a listener resumes", message_id=join.id)
+            if not 0 < len(join.resume_message) <= 64 or join.resume_seq < -1:
+                raise BadMessage(
+                    "resume_message: 1-64 characters; resume_seq: -1 or more", message_id=join.id
+                )
 
-    def join_channel(self, join: ChannelJoin, *, sample_rate: int) -> Membership:
+    def join_channel(
+        self, join: ChannelJoin, *, sample_rate: int, resumed: bool | None = None
+    ) -> Membership:
         """The server seated the session in the channel ``receive_text`` checked: answer
-        ``channel.joined`` (R12). ``sample_rate``: what a listener hears at."""
+        ``channel.joined`` (R12), saying whether the resume it asked for (R18) follows."""
         self.membership = Membership(join.channel, join.role, join.sample_rate or sample_rate)
-        self._send(ChannelJoined(channel=join.channel, role=join.role, id=join.id))
+        self._send(ChannelJoined(channel=join.channel, role=join.role, id=join.id, resumed=resumed))
         return self.membership
 
     def channel_job(self, message_id: str) -> SpeakJob | None:
@@ -681,6 +701,9 @@ class ServerProtocol:
         voice: str | None,
         user: str | None,
         kind: str | None,
+        message: str | None = None,
+        replayed: bool = False,
+        resumed_from: int = 0,
     ) -> ListenStream | None:
         """A channel message starts for this listener: its ``audio.start`` on the next stream
         (R14, R8). None when the session is not a listener."""
@@ -699,6 +722,9 @@ class ServerProtocol:
                 voice=voice,
                 user=user,
                 kind=kind,
+                message=message,
+                replayed=replayed or None,
+                resumed_from=resumed_from or None,
             )
         )
         return heard

@@ -21,14 +21,15 @@ VECTORS = json.loads((ROOT / "protocol" / "vectors" / "v1.json").read_text())
 
 def _feed(proto: ServerProtocol, frame: dict[str, Any]) -> Any:
     """One frame, as the server's I/O layer feeds it: every speak the core returns is admitted
-    (no rate limit here), every channel.join seated."""
+    (no rate limit here), every channel.join seated (a resume found in the channel's buffer)."""
     if "text" in frame:
         message = proto.receive_text(frame["text"])
         if isinstance(message, Speak):
             channel = proto.membership is not None
             proto.accept_speak(message, position=len(proto.channel_jobs) if channel else None)
         elif isinstance(message, ChannelJoin):
-            proto.join_channel(message, sample_rate=22050)
+            resumed = True if message.resume_message is not None else None
+            proto.join_channel(message, sample_rate=22050, resumed=resumed)
         return message
     return proto.receive_binary(b"\x01" * frame["binary_len"])
 

@@ -48,7 +48,14 @@ export const CLIENT_MESSAGES = {
   ],
   cancel: [F("id", "str")],
   ping: [F("id", "str")],
-  "channel.join": [F("channel", "str", true), F("role", "str", true), F("sample_rate", "int"), F("id", "str")],
+  "channel.join": [
+    F("channel", "str", true),
+    F("role", "str", true),
+    F("sample_rate", "int"),
+    F("id", "str"),
+    F("resume_message", "str"),
+    F("resume_seq", "int"),
+  ],
   "channel.pause": [F("id", "str")],
   "channel.resume": [F("id", "str")],
   "channel.skip": [F("id", "str")],
@@ -91,6 +98,9 @@ export const SERVER_MESSAGES = {
     F("voice", "str"),
     F("user", "str"),
     F("kind", "str"),
+    F("message", "str"),
+    F("replayed", "bool"),
+    F("resumed_from", "int"),
   ],
   "audio.end": [
     F("id", "str", true),
@@ -106,7 +116,7 @@ export const SERVER_MESSAGES = {
   cancelled: [F("id", "str", true)],
   pong: [F("id", "str")],
   error: [F("code", "str", true), F("message", "str", true), F("id", "str")],
-  "channel.joined": [F("channel", "str", true), F("role", "str", true), F("id", "str")],
+  "channel.joined": [F("channel", "str", true), F("role", "str", true), F("id", "str"), F("resumed", "bool")],
   "channel.state": [F("channel", "str", true), F("waiting", "int", true), F("paused", "bool", true)],
   "channel.filtered": [
     F("channel", "str", true),
@@ -125,7 +135,7 @@ export const ERROR_CODES = [
   "voice_not_found", "voice_unavailable", "clip_empty", "clip_not_audio", "clip_silent", "clip_too_short",
   "clip_too_long", "clip_too_large", "clip_not_speech", "encoder_failed", "encoder_busy", "voice_failed",
   "empty_text", "text_too_long", "queue_full", "duplicate_id",
-  "unsupported_sample_rate", "synthesis_failed", "bad_channel", "not_a_speaker", "listener_too_slow", "expired", "filtered", "internal_error",
+  "unsupported_sample_rate", "synthesis_failed", "bad_channel", "not_a_speaker", "listener_too_slow", "expired", "filtered", "channel_unavailable", "internal_error",
 ];
 
 const isObject = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
@@ -214,8 +224,11 @@ export const voiceUse = (voiceId, { id } = {}) => encode({ type: "voice.use", vo
 export const voiceDelete = (voiceId, { id } = {}) => encode({ type: "voice.delete", voice_id: voiceId, id });
 export const speak = (id, text, { sampleRate, user, kind, priority, interrupt, expireS, voiceId } = {}) =>
   encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind, priority, interrupt, expire_s: expireS, voice_id: voiceId });
-export const channelJoin = (channel, role, { sampleRate, id } = {}) =>
-  encode({ type: "channel.join", channel, role, sample_rate: sampleRate, id });
+export const channelJoin = (channel, role, { sampleRate, id, resumeMessage, resumeSeq } = {}) =>
+  encode({
+    type: "channel.join", channel, role, sample_rate: sampleRate, id,
+    resume_message: resumeMessage, resume_seq: resumeMessage == null ? undefined : resumeSeq,
+  });
 export const channelPause = (id) => encode({ type: "channel.pause", id });
 export const channelResume = (id) => encode({ type: "channel.resume", id });
 export const channelSkip = (id) => encode({ type: "channel.skip", id });
