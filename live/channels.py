@@ -14,6 +14,7 @@ meant to implement the same interface.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -38,45 +39,61 @@ LISTENER_BUFFER_S = 10.0
 
 
 @dataclass(eq=False)
-class ChannelMessage:
-    """A producer's admitted speak in its channel's queue."""
+class Line:
+    """A channel message as it is queued, stored and heard: what any server needs to speak it
+    and what its listeners are shown."""
 
-    seat: Seat
-    """The producer's seat: where its ending goes."""
-    job: SpeakJob
-    voice: asyncio.Future[ResolvedVoice]
-    """The producer's voice for it, resolving beside the queue."""
-    voice_id: str | None = None
-    own_voice: str | None = None
+    id: str
+    """The producer's message id."""
+    text: str
+    """Cleaned (and filtered): what the engine speaks."""
+    voice: str | None = None
     """The voice id it is spoken in, when known at admission: the speak's ``voice_id`` (R16)
     or the producer's pinned voice (R6). A delete of that voice drops it while it waits."""
     user: str | None = None
     kind: str | None = None
-    cancelled: bool = False
     priority: int = 0
     """Its lane (R15): higher lanes are spoken first, each lane in order."""
     interrupt: bool = False
     """Cut the current message and be spoken next (R15)."""
     expire_s: float | None = None
-    """Dropped with ``expired`` if still waiting this long after it was put (R15)."""
+    """Dropped with ``expired`` if still waiting this long after it was queued (R15)."""
+    key: str = ""
+    """The channel's key for it (R18), given at admission: the same on every server."""
+    replayed: bool = False
+    """Spoken again from its start after the server speaking it died mid-way."""
+
+
+@dataclass(eq=False)
+class ChannelMessage:
+    """A producer's admitted speak in its channel's queue, on the producer's server."""
+
+    line: Line
+    seat: Seat
+    """The producer's seat: where its ending goes."""
+    job: SpeakJob
+    voice: asyncio.Future[ResolvedVoice]
+    """The producer's voice for it, resolving beside the queue."""
+    cancelled: bool = False
     expiry: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
 class _Start:
-    message: ChannelMessage
+    line: Line
+    resumed_from: int
 
 
 @dataclass(eq=False)
 class _Pcm:
-    message: ChannelMessage
+    key: str
     pcm: bytes
     seconds: float
 
 
 @dataclass(eq=False)
 class _End:
-    message: ChannelMessage
+    key: str
     ttfa_ms: float
     cancelled: bool
     truncated: bool
@@ -109,7 +126,11 @@ class Seat:
         self._feed: deque[_Start | _Pcm | _End] = deque()
         self.buffered_s = 0.0
         """Seconds of audio offered to this listener and not yet handed to its socket."""
-        self._streams: dict[ChannelMessage, ListenStream] = {}
+        self._streams: dict[str, ListenStream] = {}
+        self._resumed_from: dict[str, int] = {}
+        self.position: tuple[str, int] | None = None
+        """The last message key and message-sequence number handed to this listener's socket
+        (R18): where a listener resuming on another server would start."""
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.closed = False
@@ -119,7 +140,8 @@ class Seat:
         return self.membership.listens and not self.closed
 
     def start(self) -> None:
-        if self.membership.listens:
+        """Send from now: the session answered the join (what was offered before waits)."""
+        if self.membership.listens and not self.closed:
             self._task = asyncio.create_task(self._asend_forever(), name="channel-listener")
 
     def close(self) -> None:
@@ -154,26 +176,24 @@ class Seat:
             self._kick()
 
     # --- listener side ------------------------------------------------------------------------
-    def offer_start(self, message: ChannelMessage) -> None:
-        self._offer(_Start(message))
+    def offer_start(self, line: Line, *, resumed_from: int = 0) -> None:
+        self._offer(_Start(line, resumed_from))
 
-    def offer_pcm(self, message: ChannelMessage, pcm: bytes) -> bool:
+    def offer_pcm(self, key: str, pcm: bytes) -> bool:
         """Queue one frame; False (nothing queued) when it would overfill the buffer."""
         seconds = len(pcm) / 2 / self.sample_rate
         if self.buffered_s + seconds > self.max_buffer_s:
             return False
         self.buffered_s += seconds
-        self._offer(_Pcm(message, pcm, seconds))
+        self._offer(_Pcm(key, pcm, seconds))
         return True
 
-    def offer_end(
-        self, message: ChannelMessage, *, ttfa_ms: float, cancelled: bool, truncated: bool
-    ) -> None:
+    def offer_end(self, key: str, *, ttfa_ms: float, cancelled: bool, truncated: bool) -> None:
         if cancelled:  # a skipped message stops now, not after what is still buffered
-            kept = [i for i in self._feed if not (isinstance(i, _Pcm) and i.message is message)]
+            kept = [i for i in self._feed if not (isinstance(i, _Pcm) and i.key == key)]
             self._feed = deque(kept)
             self.buffered_s = sum(i.seconds for i in kept if isinstance(i, _Pcm))
-        self._offer(_End(message, ttfa_ms, cancelled, truncated))
+        self._offer(_End(key, ttfa_ms, cancelled, truncated))
 
     def cut_loose(self) -> None:
         self.close()
@@ -191,25 +211,96 @@ class Seat:
                 await self._ready.wait()
             item = self._feed.popleft()
             if isinstance(item, _Start):
-                job = item.message.job
+                line = item.line
                 heard = self.protocol.listen_start(
-                    id=job.id,
-                    text=job.text,
-                    voice=item.message.voice_id,
-                    user=item.message.user,
-                    kind=item.message.kind,
+                    id=line.id,
+                    text=line.text,
+                    voice=line.voice,
+                    user=line.user,
+                    kind=line.kind,
+                    message=line.key or None,
+                    replayed=line.replayed,
+                    resumed_from=item.resumed_from,
                 )
                 if heard is not None:
-                    self._streams[item.message] = heard
+                    self._streams[line.key] = heard
+                    self._resumed_from[line.key] = item.resumed_from
+                    self.position = (line.key, item.resumed_from - 1)
             elif isinstance(item, _Pcm):
                 self.buffered_s = max(0.0, self.buffered_s - item.seconds)
-                if (heard := self._streams.get(item.message)) is not None:
+                if (heard := self._streams.get(item.key)) is not None:
                     self.protocol.listen_audio(heard, item.pcm)
-            elif (heard := self._streams.pop(item.message, None)) is not None:
+                    self.position = (item.key, self._resumed_from[item.key] + heard.frames - 1)
+            elif (heard := self._streams.pop(item.key, None)) is not None:
+                self._resumed_from.pop(item.key, None)
                 self.protocol.listen_end(
                     heard, ttfa_ms=item.ttfa_ms, cancelled=item.cancelled, truncated=item.truncated
                 )
             await self._flush()
+
+
+class Fanout:
+    """One message's audio on its way to this server's listeners: resampled once per listening
+    rate, each listener offered its frames without waiting for it; one whose buffer would
+    overflow is cut loose."""
+
+    def __init__(
+        self,
+        line: Line,
+        listeners: list[Seat],
+        *,
+        engine_rate: int,
+        frame_ms: int,
+        cut_loose: Callable[[Seat], None],
+    ) -> None:
+        self.line = line
+        self.listeners = listeners
+        self._cut_loose = cut_loose
+        self._engine_rate, self._frame_ms = engine_rate, frame_ms
+        self._framers = {
+            rate: PcmFramer(engine_rate, rate, frame_ms)
+            for rate in {s.sample_rate for s in listeners}
+        }
+        self._own: dict[Seat, PcmFramer] = {}
+        """Listeners that resumed mid-way (R18): each frames the message itself."""
+        for seat in listeners:
+            seat.offer_start(line)
+
+    def join_mid_way(self, seat: Seat, framer: PcmFramer) -> None:
+        """A resumed listener that has the message up to here: it goes on with its own framer,
+        whose state is the one the message's audio so far left in it."""
+        self._own[seat] = framer
+
+    def feed(self, chunk: np.ndarray) -> bool:
+        """Offer one chunk of the engine's audio; True when it made frames."""
+        frames = {rate: framer.feed(chunk) for rate, framer in self._framers.items()}
+        self._offer(frames)
+        for seat, framer in list(self._own.items()):
+            self._offer_to(seat, framer.feed(chunk))
+        return any(frames.values())
+
+    def end(self, *, ttfa_ms: float, cancelled: bool, truncated: bool) -> None:
+        if not cancelled:
+            self._offer(
+                {rate: [t] if (t := f.flush()) else [] for rate, f in self._framers.items()}
+            )
+            for seat, framer in list(self._own.items()):
+                self._offer_to(seat, [t] if (t := framer.flush()) else [])
+        for seat in [*self.listeners, *self._own]:
+            seat.offer_end(self.line.key, ttfa_ms=ttfa_ms, cancelled=cancelled, truncated=truncated)
+
+    def _offer(self, frames: dict[int, list[bytes]]) -> None:
+        for seat in list(self.listeners):
+            self._offer_to(seat, frames[seat.sample_rate])
+
+    def _offer_to(self, seat: Seat, frames: list[bytes]) -> None:
+        for pcm in frames:
+            if not seat.offer_pcm(self.line.key, pcm):
+                if seat in self.listeners:
+                    self.listeners.remove(seat)
+                self._own.pop(seat, None)
+                self._cut_loose(seat)
+                return
 
 
 class Channel(Protocol):
@@ -221,17 +312,21 @@ class Channel(Protocol):
     word_filter: WordFilter | None
     """The streamer's filter for messages admitted from now (R17); None: off."""
 
-    def admit(self, message_id: str, *, priority: int = 0, interrupt: bool = False) -> int:
-        """The place a new message of that lane would take (messages ahead of it, R15);
-        ``QueueFull`` when the queue is full."""
+    async def aadmit(self, line: Line) -> int:
+        """Queue ``line`` (giving it its key): the place it takes (messages ahead of it, R15).
+        ``QueueFull`` when the queue is full; ``ChannelUnavailable`` when its store is down."""
         ...
 
-    def put(self, message: ChannelMessage) -> None: ...
-    def cancel(self, seat: Seat, message_id: str | None) -> None: ...
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
-    def skip(self) -> None: ...
-    def clear(self) -> None: ...
+    def put(self, message: ChannelMessage) -> None:
+        """The admitted line's producer side: where its ending goes, its voice."""
+        ...
+
+    async def afilter(self, rules: WordFilter | None) -> None: ...
+    async def acancel(self, seat: Seat, message_id: str | None) -> None: ...
+    async def apause(self) -> None: ...
+    async def aresume(self) -> None: ...
+    async def askip(self) -> None: ...
+    async def aclear(self) -> None: ...
     def purge(self, voice_id: str) -> None: ...
     def leave(self, seat: Seat) -> None: ...
 
@@ -239,12 +334,18 @@ class Channel(Protocol):
 class ChannelHub(Protocol):
     """The channels of every tenant, as a session reaches them (a service of the app)."""
 
-    def join(self, tenant: str, name: str, seat: Seat) -> Channel: ...
+    async def ajoin(
+        self, tenant: str, name: str, seat: Seat, resume: tuple[str, int] | None = None
+    ) -> tuple[Channel, bool | None]:
+        """Seat ``seat`` in the channel; with ``resume`` (R18), whether the replay follows."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class LocalChannels:
-    """Channels kept in this process: each one's queue and its speaking task."""
+    """Channels kept in this process (a server without Redis): each one's queue and its
+    speaking task. It keeps no audio for listeners coming back (R18: ``resumed: false``)."""
 
     def __init__(
         self,
@@ -261,10 +362,13 @@ class LocalChannels:
         self._max_message_audio_s = max_message_audio_s
         self._max_queue = max_queue
         self._channels: dict[tuple[str, str], LocalChannel] = {}
+        self._keys = itertools.count(1)
         self.engine_calls = 0
         """Messages synthesized, all channels together (one engine call each)."""
 
-    def join(self, tenant: str, name: str, seat: Seat) -> LocalChannel:
+    async def ajoin(
+        self, tenant: str, name: str, seat: Seat, resume: tuple[str, int] | None = None
+    ) -> tuple[LocalChannel, bool | None]:
         key = (tenant, name)
         channel = self._channels.get(key)
         if channel is None:
@@ -272,8 +376,7 @@ class LocalChannels:
             self._channels[key] = channel
         seat.max_buffer_s = self.max_listener_buffer_s
         channel.seats.append(seat)
-        seat.start()
-        return channel
+        return channel, (False if resume is not None else None)
 
     def channel(self, tenant: str, name: str) -> LocalChannel | None:
         return self._channels.get((tenant, name))
@@ -306,33 +409,38 @@ class LocalChannel:
         return self.key[1]
 
     # --- members' requests --------------------------------------------------------------------
-    def admit(self, message_id: str, *, priority: int = 0, interrupt: bool = False) -> int:
+    async def aadmit(self, line: Line) -> int:
         if len(self.waiting) >= self.hub._max_queue:
             raise QueueFull(
                 f"{len(self.waiting)} messages are already waiting in channel {self.name!r}; "
                 f"the limit is {self.hub._max_queue}",
-                message_id=message_id,
+                message_id=line.id,
             )
-        place = self._place(priority, interrupt)
-        return place + (1 if self.current is not None and not interrupt else 0)
+        line.key = str(next(self.hub._keys))
+        place = self._place(line.priority, line.interrupt)
+        return place + (1 if self.current is not None and not line.interrupt else 0)
 
     def _place(self, priority: int, interrupt: bool) -> int:
-        return channel_place([m.priority for m in self.waiting], priority, interrupt=interrupt)
+        return channel_place([m.line.priority for m in self.waiting], priority, interrupt=interrupt)
 
     def put(self, message: ChannelMessage) -> None:
-        self.waiting.insert(self._place(message.priority, message.interrupt), message)
-        if message.interrupt:
+        line = message.line
+        self.waiting.insert(self._place(line.priority, line.interrupt), message)
+        if line.interrupt:
             self._stop_current()
-        if message.expire_s is not None:
+        if line.expire_s is not None:
             message.expiry = asyncio.get_running_loop().call_later(
-                message.expire_s, self._expire, message
+                line.expire_s, self._expire, message
             )
         if self._task is None:
             self._task = asyncio.create_task(self._aspeak_forever(), name=f"channel-{self.name}")
         self._wake.set()
         self._broadcast()
 
-    def cancel(self, seat: Seat, message_id: str | None) -> None:
+    async def afilter(self, rules: WordFilter | None) -> None:
+        self.word_filter = rules
+
+    async def acancel(self, seat: Seat, message_id: str | None) -> None:
         """A producer cancels its own messages (one by id, or all)."""
 
         def mine(m: ChannelMessage) -> bool:
@@ -342,27 +450,27 @@ class LocalChannel:
         if self.current is not None and mine(self.current):
             self._stop_current()
 
-    def pause(self) -> None:
+    async def apause(self) -> None:
         self.paused = True
         self._broadcast()
 
-    def resume(self) -> None:
+    async def aresume(self) -> None:
         self.paused = False
         self._wake.set()
         self._broadcast()
 
-    def skip(self) -> None:
+    async def askip(self) -> None:
         self._stop_current()
         self._broadcast()
 
-    def clear(self) -> None:
+    async def aclear(self) -> None:
         self._drop(list(self.waiting))
         self._broadcast()
 
     def purge(self, voice_id: str) -> None:
         """The tenant deleted ``voice_id`` (R16, R6): a message waiting to be spoken in it,
         its own or its producer's pinned voice, is forgotten with it and ends ``cancelled``."""
-        self._drop([m for m in self.waiting if m.own_voice == voice_id])
+        self._drop([m for m in self.waiting if m.line.voice == voice_id])
 
     def leave(self, seat: Seat) -> None:
         """The session is gone. Its messages whose voice has resolved stay queued; one whose
@@ -396,7 +504,7 @@ class LocalChannel:
         message.voice.cancel()
         message.seat.failed(
             message.job,
-            Expired(f"still waiting after {message.expire_s:g} s", message_id=message.job.id),
+            Expired(f"still waiting after {message.line.expire_s:g} s", message_id=message.job.id),
         )
         self._broadcast()
 
@@ -453,52 +561,37 @@ class LocalChannel:
         if voice is None or message.cancelled:
             message.seat.dropped(message.job)
             return
+        line = message.line
         try:
-            message.voice_id = message.seat.protocol.voice_of(message.job).voice_id
+            line.voice = message.seat.protocol.voice_of(message.job).voice_id
         except LivevoiceError:
-            message.voice_id = None
+            line.voice = None
         engine, hub = self.hub._engine, self.hub
         self.hub.engine_calls += 1
-        listeners = [s for s in self.seats if s.listens]
-        for seat in listeners:
-            seat.offer_start(message)
-        framers = {
-            rate: PcmFramer(engine.sample_rate, rate, hub._frame_ms)
-            for rate in {s.sample_rate for s in listeners}
-        }
+        fanout = Fanout(
+            line,
+            [s for s in self.seats if s.listens],
+            engine_rate=engine.sample_rate,
+            frame_ms=hub._frame_ms,
+            cut_loose=self._cut_loose,
+        )
         cap = AudioCap(hub._max_message_audio_s, engine.sample_rate)
         spoken = 0
         started = time.perf_counter()
         ttfa: float | None = None
-
-        def offer(frames: dict[int, list[bytes]]) -> None:
-            nonlocal ttfa
-            for seat in list(listeners):
-                for pcm in frames[seat.sample_rate]:
-                    if not seat.offer_pcm(message, pcm):
-                        listeners.remove(seat)
-                        self._cut_loose(seat)
-                        break
-            if ttfa is None and any(frames.values()):
-                ttfa = time.perf_counter() - started
-
-        chunks = engine.stream(message.job.text, voice.embedding)
+        chunks = engine.stream(line.text, voice.embedding)
         try:
             while (chunk := await self._next_chunk(chunks, message)) is not None:
                 chunk = cap.take(chunk)
                 spoken += len(chunk)
-                offer({rate: framer.feed(chunk) for rate, framer in framers.items()})
+                if fanout.feed(chunk) and ttfa is None:
+                    ttfa = time.perf_counter() - started
                 if cap.reached:
                     break
         finally:
             await chunks.aclose()
-        if not message.cancelled:
-            offer({rate: [t] if (t := f.flush()) else [] for rate, f in framers.items()})
         ttfa_ms = round((ttfa or 0.0) * 1000, 3)
-        for seat in listeners:
-            seat.offer_end(
-                message, ttfa_ms=ttfa_ms, cancelled=message.cancelled, truncated=cap.reached
-            )
+        fanout.end(ttfa_ms=ttfa_ms, cancelled=message.cancelled, truncated=cap.reached)
         duration_ms = round(spoken * 1000 / engine.sample_rate, 3)
         message.seat.spoken(
             message.job, duration_ms=duration_ms, ttfa_ms=ttfa_ms, truncated=cap.reached

@@ -40,9 +40,9 @@ from protocol.messages import (
     VoiceDelete,
     VoiceUse,
 )
-from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, word_filter
+from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, Membership, word_filter
 
-from .channels import Channel, ChannelMessage, Seat
+from .channels import Channel, ChannelMessage, Line, Seat
 from .pinned import PinnedVoice
 from .speaker import Speaker
 from .tenants import PUBLIC_TENANT
@@ -218,14 +218,14 @@ class Session:
             await self._ahello(message)
         elif isinstance(message, Speak):
             await self.services.tenant_limits.atake_speak(self.tenant, message.id)
-            self._admit(message)
+            await self._aadmit(message)
         elif isinstance(message, ChannelJoin):
-            self._join(message)
+            await self._ajoin(message)
         elif isinstance(message, ChannelFilter) and self.channel is not None:
             rules = word_filter(message)  # R17: the protocol checked and answered it
-            self.channel.word_filter = rules if rules.active else None
+            await self.channel.afilter(rules if rules.active else None)
         elif isinstance(message, (*CHANNEL_CONTROLS, Cancel)):
-            self._control(message)
+            await self._acontrol(message)
         elif isinstance(message, VoiceUse):
             request = self.protocol.newest_voice_request
             assert request is not None
@@ -265,22 +265,31 @@ class Session:
         )
 
     # --- channels ---------------------------------------------------------------------------
-    def _join(self, join: ChannelJoin) -> None:
+    async def _ajoin(self, join: ChannelJoin) -> None:
         hub = self.services.channels
         if hub is None:
             raise Unsupported("this server serves no channels", message_id=join.id)
-        membership = self.protocol.join_channel(join, sample_rate=self.services.engine.sample_rate)
-        self.seat = Seat(
+        rate = join.sample_rate or self.services.engine.sample_rate
+        membership = Membership(join.channel, join.role, rate)
+        seat = Seat(
             self.protocol,
             membership,
             flush=self._aflush,
             kick=lambda: self._spawn(self._aflush()),
             on_cut_loose=self._cut_loose,
         )
-        self.channel = hub.join(self.tenant, join.channel, self.seat)
+        resume = None
+        if join.resume_message is not None and join.resume_seq is not None:
+            resume = (join.resume_message, join.resume_seq)
+        # Seated before joined is answered: what the channel replays (R18) and offers from now
+        # waits in the seat, which sends only once the answer has gone.
+        self.channel, resumed = await hub.ajoin(self.tenant, join.channel, seat, resume)
+        self.seat = seat
+        seat.membership = self.protocol.join_channel(join, sample_rate=rate, resumed=resumed)
+        seat.start()
         self.log.info("joined channel %s to %s", join.channel, join.role)
 
-    def _admit(self, speak: Speak) -> None:
+    async def _aadmit(self, speak: Speak) -> None:
         """A speak the protocol and the tenant's limits admitted: into this session's queue, or
         its channel's (R13), where its voice resolves beside the queue."""
         if self.channel is None or self.seat is None:
@@ -292,27 +301,25 @@ class Session:
             if text is None:
                 raise Filtered("the channel's word filter drops this message", message_id=speak.id)
             speak = dataclasses.replace(speak, text=text)
-        priority, interrupt = speak.priority or 0, bool(speak.interrupt)
-        position = self.channel.admit(speak.id, priority=priority, interrupt=interrupt)
+        line = Line(
+            speak.id,
+            speak.text,
+            # A pending registration's id is not known yet: such a message is not matched.
+            voice=speak.voice_id or self.protocol.pinned_voice_id,
+            user=speak.user,
+            kind=speak.kind,
+            priority=speak.priority or 0,
+            interrupt=bool(speak.interrupt),
+            expire_s=speak.expire_s,
+        )
+        position = await self.channel.aadmit(line)
         job = self.protocol.accept_speak(speak, position=position)
         if speak.voice_id is not None:  # R16: a voice of its own, resolved beside the queue
             voice = asyncio.ensure_future(self._amessage_voice(speak.voice_id))
         else:
             voice = asyncio.ensure_future(self.voice.avoice_of(self.protocol, job))
         voice.add_done_callback(_retrieved)
-        message = ChannelMessage(
-            self.seat,
-            job,
-            voice,
-            user=speak.user,
-            kind=speak.kind,
-            # A pending registration's id is not known yet: such a message is not matched.
-            own_voice=speak.voice_id or self.protocol.pinned_voice_id,
-            priority=priority,
-            interrupt=interrupt,
-            expire_s=speak.expire_s,
-        )
-        self.channel.put(message)
+        self.channel.put(ChannelMessage(line, self.seat, job, voice))
 
     async def _amessage_voice(self, voice_id: str) -> ResolvedVoice:
         """A channel message's own voice (R16), without pinning it: ``voice_not_found`` for an
@@ -326,7 +333,7 @@ class Session:
             raise InternalError("the server failed to resolve this message's voice") from exc
         return resolved
 
-    def _control(
+    async def _acontrol(
         self, message: ChannelPause | ChannelResume | ChannelSkip | ChannelClear | Cancel
     ) -> None:
         """The protocol checked the role (R13); a cancel also reaches this session's own
@@ -336,15 +343,15 @@ class Session:
             return  # a cancel outside a channel: the protocol handled it
         if isinstance(message, Cancel):
             if seat.membership.speaks:
-                channel.cancel(seat, message.id)
+                await channel.acancel(seat, message.id)
         elif isinstance(message, ChannelPause):
-            channel.pause()
+            await channel.apause()
         elif isinstance(message, ChannelResume):
-            channel.resume()
+            await channel.aresume()
         elif isinstance(message, ChannelSkip):
-            channel.skip()
+            await channel.askip()
         else:
-            channel.clear()
+            await channel.aclear()
 
     def _cut_loose(self) -> None:
         """The channel let this listener go (it fell too far behind): say so and close; the
