@@ -14,6 +14,13 @@ and the id from the last ``voice.ready``. If the server no longer knows that id
 (``voice_not_found``: a restarted server with an in-process voice directory) it uploads the clip it
 kept from :meth:`LivevoiceClient.aregister` again. Calls made while reconnecting wait for it.
 
+**Listening resumes.** A channel listener keeps :attr:`LivevoiceClient.listen_position`: the
+channel's key of the last message heard and the message's sequence number of its last frame
+(``resumed_from + seq``), as received, or as the caller reports it played
+(``played_reports=True`` and :meth:`LivevoiceClient.played`). Every join after a drop passes it
+back (``resume_message``, ``resume_seq``), so the server can replay what followed from its
+buffer of recent audio; :attr:`LivevoiceClient.resumed` is its answer.
+
 **Unavailable is not absent.** ``voice_unavailable`` (the server's voice store did not answer)
 never makes the client forget a voice: :meth:`LivevoiceClient.ause` and the re-pin after a
 reconnect try again with backoff, and the voice id is kept for the next reconnect either way.
@@ -33,7 +40,7 @@ from types import TracebackType
 
 import aiohttp
 
-from protocol import PROTOCOL_VERSION, ClientProtocol, LivevoiceError
+from protocol import PROTOCOL_VERSION, AudioFrame, ClientProtocol, LivevoiceError
 from protocol.client import (
     ChannelHeardEnded,
     ChannelHeardStarted,
@@ -131,8 +138,28 @@ class Backoff:
         return base * (1.0 - self.jitter * random.random())
 
 
-ChannelEvent = ChannelHeardStarted | SpeechAudio | ChannelHeardEnded | ChannelStateChanged
-"""What a channel listener hears (:attr:`LivevoiceClient.heard`)."""
+@dataclass(frozen=True, slots=True)
+class ListenPosition:
+    """Where a channel listener is: what it passes back in ``channel.join`` to resume (R18)."""
+
+    message: str
+    """The channel's key of the message (``audio.start``'s ``message``)."""
+    seq: int
+    """The message's sequence number of the last frame (``resumed_from`` + the frame's ``seq``);
+    -1 when none of it."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeardAudio(SpeechAudio):
+    """One audio frame of a channel's message heard as a listener, with its place in the
+    message (None when the server names no message key: it cannot resume)."""
+
+    position: ListenPosition | None = None
+
+
+ChannelEvent = ChannelHeardStarted | HeardAudio | ChannelHeardEnded | ChannelStateChanged
+"""What a channel listener hears (:attr:`LivevoiceClient.heard`). A started message's
+``start`` carries ``message``, ``replayed`` and ``resumed_from``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +292,7 @@ class LivevoiceClient:
         reconnect: bool = True,
         backoff: Backoff = Backoff(),
         timeout: float = 30.0,
+        played_reports: bool = False,
     ) -> None:
         self.url = url
         self.token = token
@@ -300,6 +328,18 @@ class LivevoiceClient:
         self.channel: ChannelJoin | None = None
         """The channel joined, joined again after a reconnect."""
         self._joins: dict[str, asyncio.Future[ChannelJoined]] = {}
+        self.played_reports = played_reports
+        """True: the caller reports what it played (:meth:`played`), and only that moves
+        :attr:`listen_position`; False: every frame received moves it."""
+        self.listen_position: ListenPosition | None = None
+        """The last frame of a channel heard (received, or reported played): passed back in every
+        join after a drop so the channel resumes from there."""
+        self.resumed: bool | None = None
+        """The last ``channel.joined``'s answer to a resume: True, what followed that position is
+        replayed; False, it is gone and the channel is heard from now; None, none was asked
+        (or the server does not resume)."""
+        self._heard_streams: dict[int, tuple[str | None, int]] = {}
+        """This socket's listener streams: the message key and ``resumed_from`` of each."""
         self.heard: asyncio.Queue[ChannelEvent] = asyncio.Queue()
         """What a channel listener hears, in order: each message's start (its text, user and
         kind), its audio, its end; and the queue's state. Unbounded: a listener reads it."""
@@ -405,25 +445,48 @@ class LivevoiceClient:
         return deleted
 
     async def ajoin(
-        self, channel: str, role: str, *, sample_rate: int | None = None
+        self,
+        channel: str,
+        role: str,
+        *,
+        sample_rate: int | None = None,
+        resume: ListenPosition | None = None,
     ) -> ChannelJoined:
         """Joins the tenant's ``channel`` to ``speak``, ``listen`` or ``both`` (once per
-        session; joined again after a reconnect). A listener reads :attr:`heard`."""
+        session; joined again after a reconnect, resuming from :attr:`listen_position`). A
+        listener reads :attr:`heard`; ``resume`` is a position kept from an earlier client
+        (another process, a restart) to resume from now."""
         await self._await_online()
+        if resume is not None:
+            self.listen_position = resume
         join = ChannelJoin(channel=channel, role=role, sample_rate=sample_rate)
         joined = await self._ajoin(join)
         self.channel = join
         return joined
 
+    def played(self, position: ListenPosition) -> None:
+        """A player says it has played up to ``position`` (a :class:`HeardAudio`'s), so that a
+        rejoin resumes after what was heard, not after what was merely received."""
+        self.listen_position = position
+
     async def _ajoin(self, join: ChannelJoin) -> ChannelJoined:
         join_id = uuid.uuid4().hex[:8]
+        position = self.listen_position
+        if join.role != "speak" and position is not None:  # R18: only a listener resumes
+            join = dataclasses.replace(
+                join, resume_message=position.message, resume_seq=position.seq
+            )
         done: asyncio.Future[ChannelJoined] = asyncio.get_running_loop().create_future()
         self._joins[join_id] = done
         try:
             await self._asend(dataclasses.replace(join, id=join_id))
-            return await asyncio.wait_for(asyncio.shield(done), self.timeout)
+            joined = await asyncio.wait_for(asyncio.shield(done), self.timeout)
         finally:
             self._joins.pop(join_id, None)
+        self.resumed = joined.resumed
+        if joined.resumed is not None:
+            log.info("rejoined %s: resumed=%s from %s", join.channel, joined.resumed, position)
+        return joined
 
     async def acontrol(self, control: str) -> None:
         """A queue control of the channel joined to speak: ``pause`` (after the current
@@ -502,6 +565,7 @@ class LivevoiceClient:
             raise
         self._ws = ws
         self._wire = ClientProtocol()
+        self._heard_streams = {}  # stream numbers start again with each session
         self._ready_fut = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._aread(ws), name="livevoice-reader")
         try:
@@ -707,6 +771,29 @@ class LivevoiceClient:
                     await ws.close()
             self._fail_in_flight(ConnectionLost(reason))
 
+    def _place(self, event: Event) -> ChannelEvent:
+        """A listener's event, with audio placed in its message; moves :attr:`listen_position`
+        unless the caller reports what it played."""
+        if isinstance(event, ChannelHeardStarted):
+            start = event.start
+            resumed_from = start.resumed_from or 0
+            self._heard_streams[start.stream] = (start.message, resumed_from)
+            if start.message is not None and not self.played_reports:
+                self.listen_position = ListenPosition(start.message, resumed_from - 1)
+            return event
+        if isinstance(event, SpeechAudio):
+            frame = event.message
+            assert isinstance(frame, AudioFrame)
+            key, resumed_from = self._heard_streams.get(frame.stream, (None, 0))
+            position = None if key is None else ListenPosition(key, resumed_from + frame.seq)
+            if position is not None and not self.played_reports:
+                self.listen_position = position
+            return HeardAudio(event.message, event.id, event.pcm, event.channel, position)
+        if isinstance(event, ChannelHeardEnded):
+            self._heard_streams.pop(event.end.stream, None)
+        assert isinstance(event, ChannelHeardEnded | ChannelStateChanged)
+        return event
+
     def _fail_in_flight(self, exc: BaseException) -> None:
         self._wire.reset()
         if self._ready_fut is not None and not self._ready_fut.done():
@@ -732,7 +819,7 @@ class LivevoiceClient:
         if isinstance(event, ChannelHeardStarted | ChannelHeardEnded | ChannelStateChanged) or (
             isinstance(event, SpeechAudio) and event.channel is not None
         ):
-            self.heard.put_nowait(event)
+            self.heard.put_nowait(self._place(event))
         elif isinstance(event, ChannelJoinAnswered):
             joining = self._joins.get(event.request_id or "")
             if joining is not None and not joining.done():
@@ -776,6 +863,8 @@ __all__ = [
     "Backoff",
     "ClientClosed",
     "ConnectionLost",
+    "HeardAudio",
+    "ListenPosition",
     "LivevoiceClient",
     "SpeechResult",
     "Utterance",
