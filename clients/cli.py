@@ -1,9 +1,11 @@
-"""``livevoice say`` and ``livevoice chat``: the Python client from a shell.
+"""``livevoice say``, ``livevoice chat`` and ``livevoice listen``: the Python client from a shell.
 
-Both take the voice as a reference clip (``--voice clip.wav``, uploaded once) and/or the id of a
-voice registered before (``--voice-id``, tried first; the clip is the fallback). Exit codes: 0 when
-everything was spoken, 1 when the server refused something or could not be reached (the error's
-code and message go to stderr), 2 for a usage error.
+``say`` and ``chat`` take the voice as a reference clip (``--voice clip.wav``, uploaded once)
+and/or the id of a voice registered before (``--voice-id``, tried first; the clip is the
+fallback). Exit codes: 0 when everything was spoken, 1 when the server refused something or could
+not be reached (the error's code and message go to stderr), 2 for a usage error. ``listen``
+plays a channel (or writes it to WAV) until interrupted or ``--messages`` have ended; it exits 1
+also when nothing here can play audio and no ``--out`` was given.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -23,12 +26,27 @@ from typing import IO, TypeVar
 import aiohttp
 
 from protocol import LivevoiceError
-from protocol.client import error_code
+from protocol.client import ChannelHeardEnded, ChannelHeardStarted, error_code
 from protocol.errors import VoiceNotFound
-from protocol.messages import VoiceReady
+from protocol.messages import AudioStart, VoiceReady
 from protocol.state import CLIP_FORMATS
 
-from .client import ClientClosed, ConnectionLost, LivevoiceClient, SpeechResult, Utterance
+from .client import (
+    ClientClosed,
+    ConnectionLost,
+    HeardAudio,
+    LivevoiceClient,
+    SpeechResult,
+    Utterance,
+)
+from .playback import (
+    AudioSink,
+    DevicePlayer,
+    NoAudioDevice,
+    WavPerMessage,
+    WavRecorder,
+    find_output_device,
+)
 
 DEFAULT_SERVER = "ws://127.0.0.1:8765/ws"
 T = TypeVar("T")
@@ -68,6 +86,32 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     chat.set_defaults(func=_cmd_chat, prog=chat.prog)
 
+    listen = sub.add_parser(
+        "listen",
+        help="play a channel on this computer's audio device, or write it to WAV",
+        description="Join CHANNEL to listen and play every message spoken into it on this "
+        "computer's default audio device (needs the 'audio' extra, sounddevice, and the system's "
+        "PortAudio, libportaudio2), or write it to WAV with --out. After a dropped socket it "
+        "reconnects and resumes where it was. Prints one line per message heard (user: text).",
+    )
+    _connection_args(listen)
+    listen.add_argument("--channel", required=True, help="the channel to listen to, e.g. main")
+    listen.add_argument(
+        "--out",
+        metavar="FILE.wav|DIR",
+        type=Path,
+        help="write what is heard instead of playing it: a FILE.wav holds every message back to "
+        "back (no silence between them); an existing DIR gets one WAV per message",
+    )
+    listen.add_argument(
+        "--messages",
+        type=int,
+        metavar="N",
+        help="stop once N messages have ended (default: listen until interrupted)",
+    )
+    listen.add_argument("-q", "--quiet", action="store_true", help="print no line per message")
+    listen.set_defaults(func=_cmd_listen, prog=listen.prog)
+
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -79,8 +123,13 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
         help="a voice registered before; tried first, --voice is uploaded if the server lost it",
     )
     parser.add_argument("--name", help="display name of the voice (default: the clip's name)")
+    _connection_args(parser)
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
+        "--url",
         default=os.environ.get("LIVEVOICE_SERVER", DEFAULT_SERVER),
         help=f"WebSocket URL (default {DEFAULT_SERVER}; LIVEVOICE_SERVER)",
     )
@@ -112,6 +161,10 @@ def _cmd_say(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     return _run(args, _achat(args))
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    return _run(args, _alisten(args))
 
 
 def _run(args: argparse.Namespace, work: Awaitable[int]) -> int:
@@ -237,6 +290,83 @@ async def _achat(args: argparse.Namespace) -> int:
     if n == 0:
         progress.line("no lines on stdin: nothing spoken")
     return 1 if failures else 0
+
+
+async def _alisten(args: argparse.Namespace) -> int:
+    if args.messages is not None and args.messages < 1:
+        raise UsageError("--messages must be 1 or more")
+    try:
+        sink = _listen_sink(args.out)
+    except NoAudioDevice as exc:
+        # Said whatever stderr is: exiting 0 having played nothing would look like silence.
+        print(
+            f"livevoice listen: cannot play audio here: {exc}.\n"
+            "Give --out FILE.wav (or --out DIR) to write what the channel says instead.",
+            file=sys.stderr,
+        )
+        return 1
+    progress = Progress(sys.stderr.isatty() or args.verbose)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows' loop
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    ended = 0
+    try:
+        async with LivevoiceClient(args.server, token=args.token, timeout=args.timeout) as client:
+            joined = await client.ajoin(args.channel, "listen", sample_rate=args.sample_rate)
+            progress.line(f"listening to channel {joined.channel}: {sink.describe()}")
+            closed = asyncio.ensure_future(client.aclosed())
+            stopping = asyncio.ensure_future(stop.wait())
+            printed: str | None = None  # the message key of the last line printed
+            try:
+                while args.messages is None or ended < args.messages:
+                    heard = asyncio.ensure_future(client.heard.get())
+                    await asyncio.wait({heard, closed, stopping}, return_when="FIRST_COMPLETED")
+                    if not heard.done():
+                        heard.cancel()
+                        if closed.done():
+                            raise closed.result()
+                        break
+                    event = heard.result()
+                    if isinstance(event, ChannelHeardStarted):
+                        sink.start(event.start)
+                        key = event.start.message
+                        if not args.quiet and (key is None or key != printed):
+                            print(_heard_line(event.start), flush=True)
+                        printed = key
+                    elif isinstance(event, HeardAudio):
+                        sink.write(event.pcm)
+                    elif isinstance(event, ChannelHeardEnded):
+                        sink.end()
+                        ended += 1
+            finally:
+                closed.cancel()
+                stopping.cancel()
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+        await asyncio.to_thread(sink.close)  # a device plays out what it holds
+    progress.line(f"{ended} messages heard")
+    return 0
+
+
+def _listen_sink(out: Path | None) -> AudioSink:
+    """Where a channel's audio goes; ``NoAudioDevice`` when it would be a device there is not."""
+    if out is None:
+        return DevicePlayer(find_output_device())
+    if out.is_dir():
+        return WavPerMessage(out)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: no directory {out.parent}")
+    return WavRecorder(out)
+
+
+def _heard_line(start: AudioStart) -> str:
+    """What a listener prints for a message: ``[kind] user: text``."""
+    who = f"{start.user}: " if start.user else ""
+    kind = f"[{start.kind}] " if start.kind else ""
+    again = "(replayed) " if start.replayed else "(resumed) " if start.resumed_from else ""
+    return f"{again}{kind}{who}{start.text or ''}"
 
 
 # --- pieces -----------------------------------------------------------------------------------

@@ -390,6 +390,14 @@ class LivevoiceClient:
             await self._http.close()
             self._http = None
 
+    async def aclosed(self) -> BaseException:
+        """Waits until the client stops for good — closed, or given up reconnecting (a refused
+        token, ``max_attempts``) — and returns why. A listener waits on it beside :attr:`heard`,
+        which a stopped client never fills again."""
+        if self._supervisor is not None:
+            await asyncio.wait([self._supervisor])
+        return self._fatal or ClientClosed("the client was closed")
+
     # --- requests -------------------------------------------------------------------------------
     async def aregister(
         self, clip: bytes, name: str | None = None, format: str | None = None
