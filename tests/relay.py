@@ -24,6 +24,8 @@ class Leg:
 
     sent: list[dict[str, Any]] = field(default_factory=list)
     """The client's text frames, decoded."""
+    received: list[dict[str, Any]] = field(default_factory=list)
+    """The server's text frames forwarded to the client, decoded."""
     starts: dict[int, dict[str, Any]] = field(default_factory=dict)
     """``audio.start`` forwarded to the client, by stream."""
     last_frame: AudioFrame | None = None
@@ -97,6 +99,7 @@ class Relay:
             if msg.type is aiohttp.WSMsgType.TEXT:
                 await ws.send_str(msg.data)
                 data = orjson.loads(msg.data)
+                leg.received.append(data)
                 if data.get("type") == "audio.start":
                     leg.starts[data["stream"]] = data
             elif msg.type is aiohttp.WSMsgType.BINARY:
