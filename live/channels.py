@@ -25,7 +25,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from protocol.errors import Expired, LivevoiceError, QueueFull, SynthesisFailed
-from protocol.state import ListenStream, Membership, ServerProtocol, SpeakJob, channel_place
+from protocol.messages import ChannelFilter
+from protocol.state import (
+    ListenStream,
+    Membership,
+    ServerProtocol,
+    SpeakJob,
+    channel_place,
+    word_filter,
+)
 from protocol.wordfilter import WordFilter
 
 from .pcm import AudioCap, PcmFramer
@@ -261,32 +269,37 @@ class Fanout:
             rate: PcmFramer(engine_rate, rate, frame_ms)
             for rate in {s.sample_rate for s in listeners}
         }
-        self._own: dict[Seat, PcmFramer] = {}
-        """Listeners that resumed mid-way (R18): each frames the message itself."""
+        self._own: dict[Seat, tuple[PcmFramer, tuple[int, int]]] = {}
+        """Listeners that resumed mid-way (R18): each frames the message itself, from the
+        stream entry after the last one replayed to it."""
         for seat in listeners:
             seat.offer_start(line)
 
-    def join_mid_way(self, seat: Seat, framer: PcmFramer) -> None:
-        """A resumed listener that has the message up to here: it goes on with its own framer,
-        whose state is the one the message's audio so far left in it."""
-        self._own[seat] = framer
+    def join_mid_way(self, seat: Seat, framer: PcmFramer, replayed_to: tuple[int, int]) -> None:
+        """A resumed listener that was replayed the message up to stream entry
+        ``replayed_to``: it goes on from the next entry with its own framer, whose state is
+        the one the message's audio so far left in it."""
+        self._own[seat] = (framer, replayed_to)
 
-    def feed(self, chunk: np.ndarray) -> bool:
-        """Offer one chunk of the engine's audio; True when it made frames."""
+    def feed(self, chunk: np.ndarray, at: tuple[int, int] = (0, 0)) -> bool:
+        """Offer one chunk of the engine's audio (stream entry ``at``); True when it made
+        frames."""
         frames = {rate: framer.feed(chunk) for rate, framer in self._framers.items()}
         self._offer(frames)
-        for seat, framer in list(self._own.items()):
-            self._offer_to(seat, framer.feed(chunk))
+        for seat, (framer, replayed_to) in list(self._own.items()):
+            if at > replayed_to:
+                self._offer_to(seat, framer.feed(chunk))
         return any(frames.values())
 
-    def end(self, *, ttfa_ms: float, cancelled: bool, truncated: bool) -> None:
+    def end(
+        self, *, ttfa_ms: float, cancelled: bool, truncated: bool, at: tuple[int, int] = (0, 0)
+    ) -> None:
+        own = [seat for seat, (_, replayed_to) in self._own.items() if at > replayed_to]
         if not cancelled:
-            self._offer(
-                {rate: [t] if (t := f.flush()) else [] for rate, f in self._framers.items()}
-            )
-            for seat, framer in list(self._own.items()):
-                self._offer_to(seat, [t] if (t := framer.flush()) else [])
-        for seat in [*self.listeners, *self._own]:
+            self._offer({r: [t] if (t := f.flush()) else [] for r, f in self._framers.items()})
+            for seat in own:
+                self._offer_to(seat, [t] if (t := self._own[seat][0].flush()) else [])
+        for seat in [*self.listeners, *own]:
             seat.offer_end(self.line.key, ttfa_ms=ttfa_ms, cancelled=cancelled, truncated=truncated)
 
     def _offer(self, frames: dict[int, list[bytes]]) -> None:
@@ -321,7 +334,10 @@ class Channel(Protocol):
         """The admitted line's producer side: where its ending goes, its voice."""
         ...
 
-    async def afilter(self, rules: WordFilter | None) -> None: ...
+    async def afilter(self, request: ChannelFilter) -> None:
+        """The streamer's word filter (R17), for messages admitted from now."""
+        ...
+
     async def acancel(self, seat: Seat, message_id: str | None) -> None: ...
     async def apause(self) -> None: ...
     async def aresume(self) -> None: ...
@@ -437,8 +453,9 @@ class LocalChannel:
         self._wake.set()
         self._broadcast()
 
-    async def afilter(self, rules: WordFilter | None) -> None:
-        self.word_filter = rules
+    async def afilter(self, request: ChannelFilter) -> None:
+        rules = word_filter(request)
+        self.word_filter = rules if rules.active else None
 
     async def acancel(self, seat: Seat, message_id: str | None) -> None:
         """A producer cancels its own messages (one by id, or all)."""

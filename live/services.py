@@ -27,8 +27,10 @@ from .embedded import EmbeddedRedis
 from .metrics import Metrics
 from .redis_tier import RedisTier
 from .settings import Limits, Settings
+from .shared_channels import SharedChannels
 from .speech import PiperEngine, SpeechEngine
 from .tenants import TenantDirectory, TenantLimits
+from .values import ResolvedVoice
 from .voices import Embedder, VoiceStore
 
 __all__ = [
@@ -182,12 +184,29 @@ async def aservices(
             metrics=metrics,
             max_encoder_jobs=settings.limits.max_encoder_jobs,
         )
-        channels = LocalChannels(
-            engine,
-            frame_ms=settings.frame_ms,
-            max_message_audio_s=settings.limits.max_message_audio_s,
-            max_queue=settings.limits.max_queue,
-        )
+        channels: ChannelHub
+        if tier is not None and redis_url:  # shared with every server on this Redis
+            voices = store
+
+            async def avoice(tenant: str, voice_id: str) -> ResolvedVoice:
+                _, resolved = await voices.ause(tenant, voice_id)
+                return resolved
+
+            channels = SharedChannels(
+                redis_url,
+                engine,
+                avoice,
+                frame_ms=settings.frame_ms,
+                max_message_audio_s=settings.limits.max_message_audio_s,
+                max_queue=settings.limits.max_queue,
+            )
+        else:
+            channels = LocalChannels(
+                engine,
+                frame_ms=settings.frame_ms,
+                max_message_audio_s=settings.limits.max_message_audio_s,
+                max_queue=settings.limits.max_queue,
+            )
         stack.push_async_callback(close_logged, "channels", channels.aclose)
         services = Services(
             settings,

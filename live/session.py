@@ -40,7 +40,7 @@ from protocol.messages import (
     VoiceDelete,
     VoiceUse,
 )
-from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, Membership, word_filter
+from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, Membership
 
 from .channels import Channel, ChannelMessage, Line, Seat
 from .pinned import PinnedVoice
@@ -222,8 +222,7 @@ class Session:
         elif isinstance(message, ChannelJoin):
             await self._ajoin(message)
         elif isinstance(message, ChannelFilter) and self.channel is not None:
-            rules = word_filter(message)  # R17: the protocol checked and answered it
-            await self.channel.afilter(rules if rules.active else None)
+            await self.channel.afilter(message)  # R17: the protocol checked and answered it
         elif isinstance(message, (*CHANNEL_CONTROLS, Cancel)):
             await self._acontrol(message)
         elif isinstance(message, VoiceUse):

@@ -29,10 +29,18 @@ __all__ = [
 ]
 
 
+SERVER_DEFAULTS: dict[str, Any] = {}
+"""Settings every ``live_server`` of the running test gets unless it names them (the
+``channel_store`` fixture points them at a real Redis)."""
+
+
 def live_server(*args: Any, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[LiveServer]:
     """``live.testing.server.live_server`` with the browser widget mounted, as ``livevoice
     serve`` mounts it."""
     kwargs.setdefault("routes", (add_widget_routes,))
+    if not args:
+        for name, value in SERVER_DEFAULTS.items():
+            kwargs.setdefault(name, value)
     return testing.live_server(*args, **kwargs)
 
 

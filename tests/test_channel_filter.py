@@ -26,6 +26,8 @@ from tests.fakes import GatedEngine
 from tests.server import live_server, raw_client, until_message
 from tests.test_channels import is_type, join, joined_protocol, producer, state
 
+pytestmark = pytest.mark.usefixtures("channel_store")
+
 
 # --- in memory ----------------------------------------------------------------------------------
 def compiled(words: list[str], **options: object) -> WordFilter:

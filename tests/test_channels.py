@@ -16,11 +16,13 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
+import pytest
 from aiohappyeyeballs import AddrInfoType
 
 from clients.client import LivevoiceClient
 from live.channels import LocalChannels
 from live.encoder import EncoderWorker
+from live.shared_channels import SharedChannels
 from live.speech import PiperEngine, SpeechEngine
 from live.voices import Embedding
 from protocol import ClientProtocol, ServerProtocol
@@ -55,6 +57,8 @@ from tests.server import (
     until_message,
     until_true,
 )
+
+pytestmark = pytest.mark.usefixtures("channel_store")
 
 
 class CountingEngine:
@@ -364,7 +368,7 @@ async def test_a_stalled_listener_is_cut_loose_and_the_others_hear_everything(
         ((_, _, pcm),) = heard(overlay)
         assert end.samples == len(pcm) // 2 and end.samples / 48000 >= sentences * 0.5 - 0.01
         channels = srv.services.channels
-        assert isinstance(channels, LocalChannels)
+        assert isinstance(channels, LocalChannels | SharedChannels)
         channel = channels.channel("public", "main") or next(iter(channels._channels.values()))
         await until_true(lambda: len(channel.seats) == 2, "the stalled listener cut loose")
         # The stalled listener reads again: what was in its buffers, then why it was let go.

@@ -26,6 +26,8 @@ from tests.fakes import GatedEngine
 from tests.server import TIMEOUT, LiveServer, RawClient, live_server, raw_client, until_message
 from tests.test_channels import heard, join, state
 
+pytestmark = pytest.mark.usefixtures("channel_store")
+
 
 class SpeakerbotClient:
     """Streamer.bot's side: one JSON request, one JSON reply."""
