@@ -339,10 +339,21 @@ async def test_overlay_plays_a_channel_shows_the_line_and_goes_on_after_reload_a
             assert track["inOrder"] and track["samples"] == heard["end"]["samples"]
             assert track["played"] == track["samples"] > 0 and track["underruns"] == 0
             assert abs(track["samples"] / heard["sampleRate"] * 1000 - done.duration_ms) < 25
+            # Where it is: the message's last frame, played (R18), kept for the next page.
+            played = {"message": track["message"], "seq": track["frames"] - 1}
+            assert track["message"] and state["channel"]["position"] == played
+            stored = await page.evaluate(
+                "JSON.parse(sessionStorage.getItem(Object.keys(sessionStorage)[0]))"
+            )
+            assert stored == played
 
-            # The OBS source is refreshed: the new page joins again and plays what comes next.
+            # The OBS source is refreshed: the new page joins again, passing back the frame it
+            # played last (the server answers resumed), and plays what comes next.
             await page.reload()
             await wait_for(page, OVERLAY_JOINED)
+            state = await hooks(page)
+            assert state["channel"]["position"] == played
+            assert state["channel"]["resumed"] is not None
             text = "Second line, after the refresh."
             speaking = asyncio.create_task(bot_says("m2", text, "Bea"))
             await hear_line(page, text, "Bea")
@@ -360,6 +371,9 @@ async def test_overlay_plays_a_channel_shows_the_line_and_goes_on_after_reload_a
             await wait_for(page, "window.livevoice.counters.messagesDone === 2")
             state = await hooks(page)
             assert state["channel"]["joins"] == 2 and state["counters"]["underruns"] == 0
+            assert state["channel"]["resumed"] is not None
+            assert state["channel"]["position"]["seq"] >= 0
+            assert state["channel"]["position"]["message"] not in (None, played["message"])
             assert state["errors"] == [] and errors == []
         finally:
             await browser.close()

@@ -10,8 +10,10 @@
 // stream's sample rate, so no resampling happens here.
 //
 // Reports posted back: {type:"started", track, frame}, {type:"underrun", track, frame},
-// {type:"finished", track, played, frame, skipped}, where `frame` counts output samples since the
-// processor started (a message that starts on the frame the previous one finished is gapless).
+// {type:"played", track, played} about every 50 ms while a track plays (its samples played so
+// far: where a channel listener resumes from), {type:"finished", track, played, frame, skipped},
+// where `frame` counts output samples since the processor started (a message that starts on the
+// frame the previous one finished is gapless).
 
 class LivevoicePlayer extends AudioWorkletProcessor {
   constructor(options) {
@@ -22,6 +24,8 @@ class LivevoicePlayer extends AudioWorkletProcessor {
     this.tracks = new Map(); // track -> state
     this.finished = 0; // tracks finish in order: anything at or below this one is gone
     this.frame = 0; // output samples so far
+    this.reportEvery = Math.round(sampleRate / 20);
+    this.sinceReport = 0;
     this.port.onmessage = (event) => this.onMessage(event.data);
   }
 
@@ -61,6 +65,16 @@ class LivevoicePlayer extends AudioWorkletProcessor {
       case "reset":
         for (const t of this.tracks.values()) this.drop(t);
         break;
+    }
+  }
+
+  reportPlayed(n) {
+    this.sinceReport += n;
+    const track = this.order[0];
+    const st = track === undefined ? null : this.tracks.get(track);
+    if (st && st.started && this.sinceReport >= this.reportEvery) {
+      this.sinceReport = 0;
+      this.port.postMessage({ type: "played", track, played: st.played });
     }
   }
 
@@ -104,6 +118,7 @@ class LivevoicePlayer extends AudioWorkletProcessor {
         st.offset = 0;
       }
     }
+    this.reportPlayed(out.length);
     out.fill(0, i);
     for (let c = 1; c < outputs[0].length; c++) outputs[0][c].set(out);
     this.frame += out.length;

@@ -10,6 +10,11 @@
 //            joins it to speak, with the channel's queue controls (pause/resume, skip, clear)
 //   listen   with mode=chat and channel: 1 joins as "both", to hear the channel here as well
 //
+// A listener (overlay, or chat with listen=1) keeps the last channel message and frame it PLAYED
+// (the worklet's playback position, not what arrived) in sessionStorage, keyed by server and
+// channel, and passes it back on every join (SPEC.md "Resume"): a refreshed OBS source, or one
+// whose socket dropped, gets what it had not played yet replayed, so a paid message is not lost.
+//
 // One WebSocket session; PCM goes to an AudioWorklet (player-worklet.js) running at the stream's
 // sample rate. An overlay without a channel speaks what it is sent on BroadcastChannel("livevoice")
 // as {type:"speak", text} / {type:"skip"}, or through window.livevoice.speak(). Test hooks and
@@ -62,8 +67,13 @@ const hooks = {
   },
   // The channel joined (config.channel), as the server last said: its queue length and pause come
   // from channel.state; `current` is the channel message this page is playing now.
+  // `position` is the last {message, seq} played here (message-sequence number of the frame;
+  // -1: none of it), passed back on each join; `resumed` is the server's answer to the last one.
   channel: config.channel
-    ? { name: config.channel, role: channelRole, joined: false, joins: 0, waiting: 0, paused: false, current: null }
+    ? {
+        name: config.channel, role: channelRole, joined: false, joins: 0, waiting: 0, paused: false, current: null,
+        position: null, resumed: null,
+      }
     : null,
   // Per message with audio, by track (a page-wide number: stream numbers restart with each session):
   // {id, stream, frames, nextSeq, inOrder, samples, played, underruns, startFrame, endFrame}
@@ -82,6 +92,39 @@ const hooks = {
   setVolume,
 };
 window.livevoice = hooks;
+
+// --- where a listener is in the channel (R18) -------------------------------------------------
+const POSITION_KEY = `livevoice:position:${config.server}:${config.channel}`;
+const listens = channelRole === "listen" || channelRole === "both";
+
+function loadPosition() {
+  try {
+    const p = JSON.parse(sessionStorage.getItem(POSITION_KEY) || "null");
+    return p && typeof p.message === "string" && Number.isInteger(p.seq) ? p : null;
+  } catch {
+    return null; // storage refused (privacy settings) or garbled: start from now
+  }
+}
+
+function savePosition(position) {
+  hooks.channel.position = position;
+  try {
+    sessionStorage.setItem(POSITION_KEY, JSON.stringify(position));
+  } catch {
+    // Not kept across a refresh then; a reconnect still resumes from memory.
+  }
+}
+
+/** The worklet played `played` samples of a heard track: its frames played whole are heard. */
+function notePlayed(s, played) {
+  if (!hooks.channel || !listens || s.message == null) return;
+  while (s.playedFrames < s.frameEnds.length && s.frameEnds[s.playedFrames] <= played) s.playedFrames += 1;
+  const seq = s.resumedFrom + s.playedFrames - 1;
+  const p = hooks.channel.position;
+  if (!p || p.message !== s.message || p.seq !== seq) savePosition({ message: s.message, seq });
+}
+
+if (hooks.channel && listens) hooks.channel.position = loadPosition();
 
 const ui = {
   app: document.getElementById("app"),
@@ -145,6 +188,8 @@ function onPlayer(msg) {
   const s = hooks.tracks[msg.track];
   if (!s) return;
   const m = hooks.messages[s.id];
+  if (msg.type === "started" || msg.type === "played" || msg.type === "finished") notePlayed(s, msg.played ?? 0);
+  if (msg.type === "played") return; // every 50 ms: nothing to draw
   if (msg.type === "started") {
     s.startFrame = msg.frame;
     if (m && !TERMINAL.has(m.state)) m.state = "playing";
@@ -291,11 +336,19 @@ async function onReady(msg) {
   }
   if (ws !== sock) return; // dropped again meanwhile
   if (config.channel) {
-    // Joined again on every connection: a new session is a new member. The server keeps no
-    // replay of a channel's recent audio yet (SPEC.md: planned), so a listener that reconnects
-    // (or a refreshed OBS source) hears the messages that start after it joined; what was
-    // playing when the socket dropped plays out from what had arrived.
-    send(lv.channelJoin(config.channel, channelRole, { sampleRate: hooks.sampleRate, id: `join${hooks.channel.joins + 1}` }));
+    // Joined again on every connection: a new session is a new member. A listener passes back
+    // the last frame it played; when the server still has what followed (channel.joined
+    // resumed: true) it is replayed, else the channel is heard from now and what was playing
+    // when the socket dropped plays out from what had arrived.
+    const p = listens ? hooks.channel.position : null;
+    send(
+      lv.channelJoin(config.channel, channelRole, {
+        sampleRate: hooks.sampleRate,
+        id: `join${hooks.channel.joins + 1}`,
+        resumeMessage: p ? p.message : undefined,
+        resumeSeq: p ? p.seq : undefined,
+      }),
+    );
   }
   if (reconnect) hooks.counters.reconnects += 1;
   keepAlive(sock, msg.limits.idle_timeout_s);
@@ -361,6 +414,15 @@ function onControl(msg) {
     case "channel.joined":
       hooks.channel.joined = true;
       hooks.channel.joins += 1;
+      hooks.channel.resumed = msg.resumed ?? null;
+      if (msg.resumed) {
+        // What the old session's tracks still hold past the position is replayed: not twice.
+        for (const old of Object.values(hooks.messages)) {
+          if (old.heard && old.lost && old.track != null && !TERMINAL.has(old.state)) {
+            player.port.postMessage({ type: "skip", track: old.track });
+          }
+        }
+      }
       break;
     case "channel.state":
       hooks.channel.waiting = msg.waiting;
@@ -394,6 +456,10 @@ function startTrack(m, msg) {
   hooks.tracks[m.track] = {
     id: m.id, stream: msg.stream, frames: 0, nextSeq: 0, inOrder: true, samples: 0,
     played: 0, underruns: 0, startFrame: null, endFrame: null,
+    // A heard message: its channel key, the message's sequence number of frame 0, and where
+    // each frame ends in the samples handed to the worklet (what `played` is counted in).
+    message: msg.channel != null ? msg.message ?? null : null, resumedFrom: msg.resumed_from ?? 0,
+    frameEnds: [], queued: 0, playedFrames: 0,
   };
   player.port.postMessage({ type: "start", track: m.track });
 }
@@ -442,6 +508,8 @@ function onAudio(frame) {
   s.samples += frame.pcm.length;
   const m = hooks.messages[s.id];
   const samples = toFloat(frame.pcm, (m && m.sampleRate) || ctx.sampleRate);
+  s.queued += samples.length;
+  if (s.message != null) s.frameEnds.push(s.queued);
   player.port.postMessage({ type: "pcm", track, samples }, [samples.buffer]);
 }
 
