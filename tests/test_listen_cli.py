@@ -153,6 +153,75 @@ async def test_listen_reconnects_and_resumes_into_a_file_per_message(
     assert stdout.decode().splitlines()[-1].endswith("Bob: Back after the drop.")
 
 
+# PortAudio as sounddevice presents it, with an output "device" that records what it is given:
+# its callback is pulled every 10 ms for 10 ms of samples, as a sound card would.
+RECORDING_DEVICE = """
+import os, threading, time
+
+def query_devices(device=None, kind=None):
+    return {"name": "recorder", "max_output_channels": 2, "default_samplerate": 48000.0}
+
+class RawOutputStream:
+    def __init__(self, samplerate, channels, dtype, callback):
+        assert (channels, dtype) == (1, "int16")
+        self.frames, self.callback = int(samplerate) // 100, callback
+        self.running, self.thread = False, None
+        self.out = open(os.environ["RECORDED_PCM"], "ab")
+
+    def start(self):
+        self.running = True
+        self.thread = threading.Thread(target=self.pull, daemon=True)
+        self.thread.start()
+
+    def pull(self):
+        while self.running:
+            buffer = bytearray(2 * self.frames)
+            self.callback(buffer, self.frames, None, None)
+            self.out.write(buffer)
+            time.sleep(0.01)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+    def close(self):
+        self.out.close()
+"""
+
+
+async def test_listen_plays_on_the_audio_device(
+    server: LiveServer, bot: LivevoiceClient, tmp_path: Path
+) -> None:
+    (tmp_path / "sounddevice.py").write_text(RECORDING_DEVICE)
+    recorded = tmp_path / "recorded.pcm"
+    env = {
+        "PYTHONPATH": f"{tmp_path}:{ROOT}",
+        "PATH": "/usr/bin:/bin",
+        "RECORDED_PCM": str(recorded),
+    }
+    proc = await listen(server.ws_url, "--messages", "1", "-v", env=env)
+    async with LivevoiceClient(server.ws_url, timeout=TIMEOUT) as beside:
+        await beside.ajoin("main", "listen")
+        await until_listening(proc)
+        await bot.aspeak("Played on the speakers.", user="Ann")
+        heard = bytearray()
+        while True:
+            event = await asyncio.wait_for(beside.heard.get(), TIMEOUT)
+            if isinstance(event, HeardAudio):
+                heard += event.pcm
+            elif isinstance(event, ChannelHeardEnded):
+                break
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 0, stderr.decode()
+    assert stdout.decode() == "Ann: Played on the speakers.\n"
+    played = np.frombuffer(recorded.read_bytes(), dtype="<i2")
+    expected = np.frombuffer(bytes(heard), dtype="<i2")
+    # Silence fills the card where nothing was buffered; the message itself was played whole,
+    # in order, before the command ended.
+    assert np.array_equal(played[played != 0], expected[expected != 0])
+    assert np.count_nonzero(expected) > 16000
+
+
 SOUNDDEVICE_STUBS = {
     # sounddevice installed, the system's PortAudio not: what its import raises then.
     "no PortAudio": ("raise OSError('PortAudio library not found')", "PortAudio library not found"),
