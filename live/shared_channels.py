@@ -748,12 +748,15 @@ class SharedChannel:
                 for stream, entries in batch or []:
                     is_events = (stream.decode() if isinstance(stream, bytes) else stream) == events
                     for entry_id, fields in entries:
-                        if is_events:
-                            self._cursor = (entry_id, self._cursor[1])
-                            self._on_event(entry_id, fields)
-                        else:
-                            self._cursor = (self._cursor[0], entry_id)
-                            self._on_request(fields)
+                        try:
+                            if is_events:
+                                self._cursor = (entry_id, self._cursor[1])
+                                self._on_event(entry_id, fields)
+                            else:
+                                self._cursor = (self._cursor[0], entry_id)
+                                self._on_request(fields)
+                        except Exception:  # one entry must not stop the channel here
+                            log.exception("channel %s: entry %r failed", self._name, entry_id)
 
     def _on_request(self, fields: dict[bytes, bytes]) -> None:
         op = fields.get(b"op")
@@ -876,8 +879,11 @@ class SharedChannel:
                 got = False
             if got:
                 self.leading = True
+                log.debug("channel %s: this server speaks it", self._name)
                 try:
                     await self._alead()
+                except Exception:
+                    log.exception("channel %s: speaking failed; standing again", self._name)
                 finally:
                     self.leading = False
             await asyncio.sleep(CLAIM_S)

@@ -102,7 +102,8 @@ async def producer(client: RawClient) -> None:
 
 
 def heard(client: RawClient) -> list[tuple[AudioStart, AudioEnd | None, bytes]]:
-    """Each channel message this listener heard: its start, its end, its PCM."""
+    """Each channel message this listener heard: its start, its end (None while it goes on),
+    its PCM."""
     out: list[tuple[AudioStart, AudioEnd | None, bytes]] = []
     streams: dict[int, int] = {}
     pcm: dict[int, bytearray] = {}
@@ -117,6 +118,9 @@ def heard(client: RawClient) -> list[tuple[AudioStart, AudioEnd | None, bytes]]:
         elif isinstance(event, ChannelHeardEnded):
             i = streams[event.end.stream]
             out[i] = (out[i][0], event.end, bytes(pcm[event.end.stream]))
+    for stream, i in streams.items():  # still being heard: what came so far
+        if out[i][1] is None:
+            out[i] = (out[i][0], None, bytes(pcm[stream]))
     return out
 
 
