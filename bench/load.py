@@ -500,6 +500,12 @@ async def arun_one(server: Server, run: dict[str, Any], sizes: LoadSizes) -> dic
 # --- the scenario -------------------------------------------------------------------------------
 async def arun_load(ctx: BenchContext, sizes: LoadSizes, deadline: float) -> dict[str, Any]:
     del ctx  # nothing in this process serves: the servers are subprocesses
+    import importlib.util
+
+    if sizes.peer and importlib.util.find_spec("wyoming_piper") is None:
+        raise RuntimeError(
+            "the peer is not installed: pip install 'livevoice[bench]' (or load.peer=0)"
+        )
     runs: list[dict[str, Any]] = []
     skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmpdir:
@@ -671,8 +677,9 @@ def method(sizes: LoadSizes) -> str:
         "seconds per audio second; the cores (os.sched_getaffinity) divided by that is how "
         "many real-time streams they carry; as a check, one such job per core at once, audio "
         "seconds per wall second. The "
-        f"continuous level is searched by bisection ({sizes.continuous_steps} runs per "
-        "server, first probe at 90 % of the limit)."
+        f"continuous level is searched by bisection (at most {sizes.continuous_steps} "
+        f"run{'s' if sizes.continuous_steps != 1 else ''} per server, the first at 90 % of "
+        "the limit)."
     )
 
 
@@ -787,21 +794,23 @@ def table(data: dict[str, Any]) -> str:
 
 OLD_BENCH = (
     "**Why the in-process bench (section 3) saw no underrun at 64 sessions.** Read from its "
-    "code (`bench/scenarios.py`, `arun_live_sessions` and `play`): (1) its player starts "
-    "every message at the message's own first frame, so however long a message waited for "
-    "synthesis, that wait was never an underrun; an underrun could only fall *between* two "
+    "code (`bench/scenarios.py`: `Listener`, `play`, `arun_live_sessions`): (1) its player "
+    "starts every message at the message's own first frame, so however long a message "
+    "waited for synthesis, that wait was never an underrun; one could only fall *between* two "
     "frames of one message. livevoice sends a sentence's frames back to back as soon as the "
-    "sentence is synthesized, so a one-sentence message (70 % of its messages were one "
-    "short sentence) could not underrun at all, and a long one only if its next sentence "
-    "took longer to synthesize than the sentence before it took to play (~2-3 s of audio "
-    "against ~0.2 s of synthesis alone). (2) Its clients ran in the server's own process "
-    "and event loop: the time a message was 'sent' was read after the client's sleep woke "
-    "up, on the same loop that was busy serving, so a late send was not counted as latency "
-    "(coordinated omission), and the next message's schedule slid with it; arrival times "
-    "were read on that loop too. (3) It measured TTFA from that send, not from when the "
-    "message was due. Here the talkers are other processes, every line is due at a time "
-    "fixed before the run, TTFA counts from it, and continuous talkers play their lines "
-    "back to back, so a line that starts late is heard as a gap."
+    "sentence is synthesized, so a one-sentence message (70 % of its messages were one short "
+    "sentence) could not underrun at all, and a long one only if its next sentence took "
+    "longer to synthesize than the sentence before it took to play (about 2 s of audio "
+    "against about 0.2 s of synthesis alone). (2) Its clients ran in the server's own "
+    "process and event loop: the moment a message counted as sent was read after the "
+    "client's sleep woke up on that loop, busy serving, so a late wake-up was not counted as "
+    "latency (coordinated omission); arrival times were read on the same loop. (3) TTFA was "
+    "measured from that send, not from when the message was due. Here the talkers are other "
+    "processes, every line is due at a time fixed before the run and TTFA counts from it, "
+    "and continuous talkers play their lines back to back, so a line that starts late is "
+    "heard as a gap. The chat and raid rows above still count underruns as that player did "
+    "(a line starts at its first frame): there, late first audio shows in TTFA, not in "
+    "underruns."
 )
 
 BEGIN, END = "<!-- bench:load -->", "<!-- /bench:load -->"
@@ -822,6 +831,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{_version('wyoming-piper')}, wyoming {_version('wyoming')}.",
         "",
     ]
+    if "--quick" in meta["command"].split():
+        out += [
+            "**A `--quick` run**: short runs and small levels that check the bench works; "
+            "not figures to quote.",
+            "",
+        ]
     if "error" in data:
         out += [f"Failed: `{data['error']}`", "", END]
         return "\n".join(out) + "\n"

@@ -5,6 +5,7 @@ clock, no server, nothing timed."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,17 @@ def test_a_section_is_replaced_in_place_or_appended() -> None:
     doc = f"# B\n\n## 6. kept\n\n{begin}\n## 7. old\n{end}\n\n## after\n"
     assert replace_section(doc, begin, end, new) == f"# B\n\n## 6. kept\n\n{new}\n## after\n"
     assert replace_section("# B\n\ntext\n", begin, end, new) == f"# B\n\ntext\n\n{new}"
+
+
+def test_a_full_docs_rewrite_keeps_the_load_section(tmp_path: Path) -> None:
+    from bench.report import write_docs
+
+    section = "<!-- bench:load -->\n## 7. Load\nfigures\n<!-- /bench:load -->\n"
+    (tmp_path / "benchmarks.md").write_text(f"# Benchmarks\n\nold figures\n\n{section}")
+    results = {
+        "meta": {"command": "python -m bench", "started": "now", "wall_s": 1.0, "machine": {}},
+        "scenarios": {},
+    }
+    text = write_docs(results, [], tmp_path).read_text()
+    assert "old figures" not in text  # the rest is rewritten
+    assert text.endswith("\n\n" + section)
