@@ -764,6 +764,9 @@ def _continuous_line(data: dict[str, Any]) -> str:
     parts = []
     for name, found in data["continuous"].items():
         bad = found["smallest_not_ok"]
+        if not found["largest_ok"] and bad is None:
+            parts.append(f"{name}: not searched")
+            continue
         if not found["largest_ok"]:
             parts.append(f"{name}: **none tried** ({bad} was not)")
             continue

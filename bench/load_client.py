@@ -31,9 +31,6 @@ import orjson
 from .harness import ServerError, WsSession
 from .realtime import Player
 
-WYOMING_WIDTH = 2
-"""Bytes per sample wyoming-piper sends (it writes 16-bit WAV); checked against AudioStart."""
-
 
 def _emit(data: dict[str, Any]) -> None:
     sys.stdout.write(orjson.dumps(data).decode() + "\n")
@@ -76,9 +73,10 @@ class Talker(Protocol):
     async def asay(self, ident: str, text: str) -> None: ...
 
     async def aread(self, on_start: Any, on_frame: Any, on_end: Any) -> None:
-        """Read the server until the socket ends, calling ``on_start(rate)``,
-        ``on_frame(arrival, samples)`` and ``on_end(arrival, error)`` for the lines in the
-        order they were said."""
+        """Read the server until the socket ends, calling ``on_start(ident, rate)``,
+        ``on_frame(ident, arrival, samples)`` and ``on_end(ident, arrival, error)``; ``ident``
+        is the line's id where the protocol names it (livevoice), else None: the oldest line
+        not yet ended (Wyoming answers in order)."""
         ...
 
 
@@ -101,20 +99,18 @@ class LivevoiceTalker:
                 return
             now = time.monotonic()
             if isinstance(event, SpeechAudio) and event.channel is None:
-                on_frame(now, len(event.pcm) // 2)
+                on_frame(event.id, now, len(event.pcm) // 2)
             elif isinstance(event, SpeechStarted):
-                on_start(event.sample_rate)
+                on_start(event.id, event.sample_rate)
             elif isinstance(event, SpeechEnded):
-                on_end(now, None if event.end is not None else "cancelled")
-            elif isinstance(event, SpeechFailed):
-                on_end(now, ServerError.of(event).code)
+                on_end(event.id, now, None if event.end is not None else "cancelled")
+            elif isinstance(event, SpeechFailed):  # refused (queue_full, ...) or failed
+                on_end(event.id, now, ServerError.of(event).code)
 
 
 class WyomingTalker:
     def __init__(self, client: Any) -> None:
         self.client = client
-        self.width = WYOMING_WIDTH
-        self.channels = 1
 
     async def asay(self, ident: str, text: str) -> None:
         from wyoming.tts import Synthesize
@@ -132,14 +128,13 @@ class WyomingTalker:
             now = time.monotonic()
             if AudioChunk.is_type(event.type):
                 chunk = AudioChunk.from_event(event)
-                on_frame(now, len(chunk.audio) // (chunk.width * chunk.channels))
+                on_frame(None, now, len(chunk.audio) // (chunk.width * chunk.channels))
             elif AudioStart.is_type(event.type):
-                start = AudioStart.from_event(event)
-                on_start(start.rate)
+                on_start(None, AudioStart.from_event(event).rate)
             elif AudioStop.is_type(event.type):
-                on_end(now, None)
+                on_end(None, now, None)
             elif Error.is_type(event.type):
-                on_end(now, Error.from_event(event).code or "error")
+                on_end(None, now, Error.from_event(event).code or "error")
 
 
 class Session:
@@ -151,36 +146,47 @@ class Session:
         self.texts = texts
         self.lines: list[Line] = []
         self.unanswered: deque[Line] = deque()
+        """Said and not ended, oldest first."""
+        self.by_ident: dict[str, Line] = {}
         self.player = Player(gapless=True)
         self.errors: list[str] = []
 
-    # The server answers lines in the order they were said.
-    def on_start(self, rate: int) -> None:
-        if self.unanswered:
-            self.unanswered[0].rate = rate
+    def _line(self, ident: str | None, what: str) -> Line | None:
+        line = self.unanswered[0] if ident is None and self.unanswered else None
+        if ident is not None:
+            line = self.by_ident.get(ident)
+        if line is None or line.done.is_set():
+            self.errors.append(f"{what} for no line said")
+            return None
+        return line
 
-    def on_frame(self, arrival: float, samples: int) -> None:
-        if not self.unanswered:
-            self.errors.append("audio for no line")
+    def on_start(self, ident: str | None, rate: int) -> None:
+        if (line := self._line(ident, "audio start")) is not None:
+            line.rate = rate
+
+    def on_frame(self, ident: str | None, arrival: float, samples: int) -> None:
+        line = self._line(ident, "audio")
+        if line is None:
             return
-        line = self.unanswered[0]
         if not line.frames:
             self.player.line()
         line.frames.append((arrival, samples))
         self.player.frame(arrival, samples / line.rate)
 
-    def on_end(self, arrival: float, error: str | None) -> None:
-        if not self.unanswered:
-            self.errors.append(f"end of no line ({error})")
-            return
-        self.unanswered.popleft().finish(arrival, error)
+    def on_end(self, ident: str | None, arrival: float, error: str | None) -> None:
+        line = self._line(ident, f"end ({error})")
+        if line is not None:
+            self.unanswered.remove(line)
+            line.finish(arrival, error)
 
     async def asay(self, talker: Talker, line: int, due: float) -> Line:
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         said = Line(line, due, sent=time.monotonic())
+        ident = f"l{len(self.lines)}"
         self.lines.append(said)
         self.unanswered.append(said)
-        await talker.asay(f"l{len(self.lines)}", self.texts[line])
+        self.by_ident[ident] = said
+        await talker.asay(ident, self.texts[line])
         return said
 
     async def arun(self, talker: Talker, t0: float, seconds: float, lead_s: float) -> None:
