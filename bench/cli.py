@@ -16,6 +16,10 @@ from typing import Any
 from .harness import ROOT
 
 SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory", "fanout")
+"""Run by default, against servers in the bench's own process."""
+SEPARATE = ("load",)
+"""Run only when named (``--scenario load``): their servers are subprocesses, their runs take
+many minutes, and ``--docs`` rewrites only their own section of docs/benchmarks.md."""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -27,7 +31,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "real redis-server on loopback; print a table, write results.json and PNG plots.",
         epilog="Sizes: SCENARIO.FIELD=VALUE, e.g. hot_voices.registrations=2000 "
         "live_sessions.levels=1,4,8 outage.seconds=30 lookup.n=50 memory.l1_voices=5000 "
-        "fanout.levels=1,10,50. "
+        "fanout.levels=1,10,50 load.levels=1,16 load.peer=0. "
         "Fields and defaults: "
         + "; ".join(
             f"{name}: " + ", ".join(f"{k}={v}" for k, v in section.items())
@@ -44,9 +48,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=SCENARIOS,
+        choices=SCENARIOS + SEPARATE,
         dest="scenarios",
-        help="run only this scenario (repeatable; default: all)",
+        help="run only this scenario (repeatable; default: all but load)",
     )
     parser.add_argument(
         "--docs",
@@ -54,7 +58,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="also write docs/benchmarks.md and docs/img/bench-*.png (the committed copy)",
     )
     parser.add_argument(
-        "--max-seconds", type=float, help="time cap per scenario (default 120, --quick 30)"
+        "--max-seconds",
+        type=float,
+        help="time cap per scenario (default 120, --quick 30; load: none unless given)",
     )
     parser.add_argument("--log-level", default="WARNING", help="server log level (WARNING)")
     parser.add_argument("sizes", nargs="*", metavar="SCENARIO.FIELD=VALUE")
@@ -87,7 +93,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") ->
             sizes.override(assignment)
         except ValueError as exc:
             parser.error(str(exc))
-    scenarios = [s for s in SCENARIOS if not args.scenarios or s in args.scenarios]
+    if args.scenarios:
+        scenarios = [s for s in SCENARIOS + SEPARATE if s in args.scenarios]
+    else:
+        scenarios = list(SCENARIOS)
     max_seconds = args.max_seconds or (30.0 if args.quick else 120.0)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(args.log_level.upper())  # also under `livevoice`'s own config
@@ -98,29 +107,43 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") ->
 
     from live.cli import run
 
-    results = run(_arun(scenarios, sizes, max_seconds, command, started))
+    results = run(_arun(scenarios, sizes, max_seconds, args.max_seconds, command, started))
 
-    from . import report
+    from . import load, report
 
     report.write_json(results, out / "results.json")
     plots = report.write_plots(results, out)
     print()
-    print(report.table(results))
+    in_process = [s for s in scenarios if s in SCENARIOS]
+    if in_process:
+        print(report.table(results))
+    if "load" in results["scenarios"]:
+        print(load.table(results["scenarios"]["load"]))
     print(f"\nresults: {out / 'results.json'}")
     for path in plots:
         print(f"plot:    {path}")
     if args.docs:
-        doc = report.write_docs(results, plots, ROOT / "docs")
-        print(f"docs:    {doc}")
+        if in_process:  # rewrites the file, keeping the sections of the separate scenarios
+            print(f"docs:    {report.write_docs(results, plots, ROOT / 'docs')}")
+        if "load" in results["scenarios"]:
+            print(f"docs:    {load.write_docs(results, ROOT / 'docs' / 'benchmarks.md')}")
     failed = [name for name, data in results["scenarios"].items() if "error" in data]
     return 1 if failed else 0
 
 
 async def _arun(
-    scenarios: list[str], sizes: Any, max_seconds: float, command: str, started: datetime.datetime
+    scenarios: list[str],
+    sizes: Any,
+    max_seconds: float,
+    separate_cap: float | None,
+    command: str,
+    started: datetime.datetime,
 ) -> dict[str, Any]:
     from .harness import BenchContext, loadavg, machine
+    from .load import arun_load
     from .scenarios import RUNNERS
+
+    runners = RUNNERS | {"load": arun_load}
 
     t0 = time.perf_counter()
     meta: dict[str, Any] = {
@@ -132,13 +155,16 @@ async def _arun(
     }
     results: dict[str, Any] = {"meta": meta, "scenarios": {}}
     ctx = BenchContext()
-    print(f"loading models and clips ({', '.join(scenarios)})", file=sys.stderr)
-    await ctx.aload()
+    if any(name in SCENARIOS for name in scenarios):
+        print(f"loading models and clips ({', '.join(scenarios)})", file=sys.stderr)
+        await ctx.aload()
     try:
         for name in scenarios:
             begin = time.perf_counter()
+            cap = max_seconds if name in SCENARIOS else separate_cap
             try:
-                data = await RUNNERS[name](ctx, getattr(sizes, name), begin + max_seconds)
+                deadline = begin + cap if cap is not None else float("inf")
+                data = await runners[name](ctx, getattr(sizes, name), deadline)
             except Exception as exc:
                 traceback.print_exc()
                 data = {"error": f"{type(exc).__name__}: {exc}"}

@@ -116,6 +116,31 @@ class FanoutSizes:
 
 
 @dataclass
+class LoadSizes:
+    levels: tuple[int, ...] = (1, 16, 32, 64)
+    """Chat sessions at ``duty``, starts spread over ``chat_spread_s``."""
+    raid_levels: tuple[int, ...] = (16, 32, 64)
+    """The same chat, every session's first line within ``raid_spread_s``."""
+    seconds: float = 30.0
+    """How long each run's schedule sends lines; then it drains for at most ``drain_s``."""
+    duty: float = 0.25
+    """A chat line, then silence for the rest of its cycle (0.25: 3x the line's length)."""
+    chat_spread_s: float = 10.0
+    raid_spread_s: float = 2.0
+    continuous_steps: int = 4
+    """Runs of the search for the largest continuous-talk level without underrun, per server."""
+    continuous_spread_s: float = 5.0
+    """Continuous talkers' first lines are spread over this."""
+    lead_s: float = 1.0
+    """A continuous talker sends its next line once its player holds less than this."""
+    drain_s: float = 30.0
+    per_process: int = 16
+    """Sessions per load-generator process."""
+    peer: int = 1
+    """1: the same runs against wyoming-piper, alternating with livevoice; 0: livevoice only."""
+
+
+@dataclass
 class Sizes:
     lookup: LookupSizes = dataclasses.field(default_factory=LookupSizes)
     hot_voices: HotVoicesSizes = dataclasses.field(default_factory=HotVoicesSizes)
@@ -123,6 +148,7 @@ class Sizes:
     outage: OutageSizes = dataclasses.field(default_factory=OutageSizes)
     memory: MemorySizes = dataclasses.field(default_factory=MemorySizes)
     fanout: FanoutSizes = dataclasses.field(default_factory=FanoutSizes)
+    load: LoadSizes = dataclasses.field(default_factory=LoadSizes)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -135,6 +161,14 @@ class Sizes:
             OutageSizes(seconds=9.0, voices=20, clients=8, recovery_wait_s=10.0),
             MemorySizes(redis_keys=1000, l1_voices=1000, evicting_puts=200),
             FanoutSizes(levels=(1, 5, 10), messages=6, interval_s=0.75, rates=(48000, 16000)),
+            LoadSizes(
+                levels=(1, 8),
+                raid_levels=(8,),
+                seconds=8.0,
+                continuous_steps=1,
+                continuous_spread_s=2.0,
+                drain_s=15.0,
+            ),
         )
 
     def override(self, assignment: str) -> None:

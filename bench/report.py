@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -771,7 +772,26 @@ def fanout_markdown(data: Results) -> list[str]:
     ]
 
 
+SECTION = re.compile(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->\n?", re.S)
+"""A section a separately run scenario (``load``) keeps up to date on its own."""
+
+
+def replace_section(text: str, begin: str, end: str, section: str) -> str:
+    """``text`` with the part from ``begin`` to ``end`` replaced by ``section`` (which carries
+    both markers), or ``section`` appended after a blank line when there is none."""
+    start = text.find(begin)
+    stop = text.find(end, start)
+    if start < 0 or stop < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    after = stop + len(end)
+    if text.startswith("\n", after):
+        after += 1
+    return text[:start] + section + text[after:]
+
+
 def write_docs(results: Results, plots: list[Path], docs_dir: Path) -> Path:
+    """Rewrite docs/benchmarks.md from ``results``, keeping the sections that separately run
+    scenarios wrote (they are not in ``results``)."""
     img = docs_dir / "img"
     img.mkdir(parents=True, exist_ok=True)
     images: dict[str, str] = {}
@@ -780,5 +800,9 @@ def write_docs(results: Results, plots: list[Path], docs_dir: Path) -> Path:
         shutil.copyfile(path, target)
         images[path.stem] = f"img/{target.name}"
     doc = docs_dir / "benchmarks.md"
-    doc.write_text(markdown(results, images))
+    kept = [m.group(0) for m in SECTION.finditer(doc.read_text())] if doc.exists() else []
+    text = markdown(results, images)
+    for section in kept:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    doc.write_text(text)
     return doc
