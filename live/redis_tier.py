@@ -88,20 +88,20 @@ return 0
 
 # --- rendered audio (live.rendered): a byte budget kept by Redis itself ----------------------
 # Entries are plain keys with a TTL (evictable under ``volatile-*``, like embeddings). Beside
-# them: a sorted set of entries by last use (Redis' clock), a hash of their sizes and the sum.
-# Every write trims, atomically across servers: first entries unused for longer than the TTL
+# them: a sorted set of entries by last use (Redis' clock, in µs), a hash of their sizes and the
+# sum. Every write trims, atomically across servers: first entries unused for longer than the TTL
 # (their keys have expired: only the index remembers them), then the least recently used until
 # the sum fits the budget. A hit bumps its entry's last use and TTL. The index keys carry the
 # TTL too, refreshed on every write, so an idle cache leaves nothing behind.
-_RENDERED_INDEX: Final = f"{_PREFIX}:rendered:index"
-_RENDERED_SIZES: Final = f"{_PREFIX}:rendered:sizes"
-_RENDERED_TOTAL: Final = f"{_PREFIX}:rendered:bytes"
+_RENDERED_INDEX: Final = f"{_PREFIX}:rendered-index"
+_RENDERED_SIZES: Final = f"{_PREFIX}:rendered-sizes"
+_RENDERED_TOTAL: Final = f"{_PREFIX}:rendered-bytes"
 
 # KEYS: entry, index, sizes, total. ARGV: value, ttl ms, budget bytes.
 # Returns {1 if stored (0: larger than the whole budget), bytes held after, entries evicted}.
 _RENDERED_PUT_LUA: Final = """
 local now = redis.call("TIME")
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local ttl, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
 local size = string.len(ARGV[1])
 local total = tonumber(redis.call("GET", KEYS[4]) or "0")
@@ -111,7 +111,7 @@ local function forget(member)
     redis.call("ZREM", KEYS[2], member)
     total = total - was
 end
-for _, member in ipairs(redis.call("ZRANGEBYSCORE", KEYS[2], "-inf", now_ms - ttl)) do
+for _, member in ipairs(redis.call("ZRANGEBYSCORE", KEYS[2], "-inf", now_us - ttl * 1000)) do
     forget(member)
 end
 if redis.call("HEXISTS", KEYS[3], KEYS[1]) == 1 then
@@ -131,7 +131,7 @@ if total + size > budget then
     return {0, total, evicted}
 end
 redis.call("SET", KEYS[1], ARGV[1], "PX", ttl)
-redis.call("ZADD", KEYS[2], now_ms, KEYS[1])
+redis.call("ZADD", KEYS[2], now_us, KEYS[1])
 redis.call("HSET", KEYS[3], KEYS[1], size)
 total = total + size
 redis.call("SET", KEYS[4], total, "PX", ttl)
@@ -146,8 +146,7 @@ local value = redis.call("GET", KEYS[1])
 if value then
     local now = redis.call("TIME")
     redis.call("PEXPIRE", KEYS[1], ARGV[1])
-    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    redis.call("ZADD", KEYS[2], "XX", now_ms, KEYS[1])
+    redis.call("ZADD", KEYS[2], "XX", tonumber(now[1]) * 1000000 + tonumber(now[2]), KEYS[1])
 end
 return value
 """
