@@ -123,7 +123,9 @@ def upload_digest(data: bytes) -> UploadDigest:
     against BLAKE2b's ~1 ms. Cryptographic either way: the alias lives in a cache shared by
     tenants, and a collision would hand one tenant's bytes another's voice.
     """
-    return UploadDigest(hashlib.sha256(_UPLOAD_DOMAIN + data).hexdigest())
+    digest = hashlib.sha256(_UPLOAD_DOMAIN)
+    digest.update(data)  # no concatenated copy of the clip
+    return UploadDigest(digest.hexdigest())
 
 
 @dataclass(frozen=True, slots=True)
