@@ -16,11 +16,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import numpy as np
 import pytest
 
-from live.encoder import EncoderWorker
+from live.encoder import EncoderWorker, SpeakerEncoder
 from live.metrics import Metrics
 from live.pcm import to_s16le
 from live.redis_tier import RedisTier, rendered_key
 from live.rendered import RenderedSpeech, encode_rendered
+from live.settings import Settings
 from live.speech import PiperEngine, SpeechEngine, anext_chunk
 from live.values import Embedding
 from protocol.messages import AudioEnd
@@ -258,3 +259,27 @@ async def test_the_byte_budget_holds_and_evicts_the_least_recently_played(
         await say(speech, "a long one", voice)
         assert not await kept("a long one")
         assert _value(speech.metrics, "livevoice_rendered_stores_total", outcome="too_big") == 1
+
+
+async def test_the_cache_is_on_with_redis_and_can_be_turned_off(
+    speaker_encoder: SpeakerEncoder, redis_server: RedisServer
+) -> None:
+    engine = ToneEngine()
+    assert Settings.from_env({"LIVEVOICE_RENDERED_CACHE": "off"}).rendered_cache is False
+    assert Settings.from_env({"LIVEVOICE_RENDERED_CACHE": "1"}).rendered_cache is True
+    with pytest.raises(ValueError):
+        Settings.from_env({"LIVEVOICE_RENDERED_CACHE": "maybe"})
+    url = redis_server.url
+    for overrides, cached_here in (
+        ({"redis_url": url}, True),
+        ({"redis_url": url, "rendered_cache": False}, False),
+        ({}, False),  # no Redis: nowhere to keep it
+    ):
+        worker = EncoderWorker(speaker_encoder)
+        try:
+            async with live_server(embedder=worker, engine=engine, **overrides) as srv:
+                served = srv.services.engine
+                assert isinstance(served, RenderedSpeech) is cached_here, overrides
+                assert (served.inner if isinstance(served, RenderedSpeech) else served) is engine
+        finally:
+            await worker.aclose()
