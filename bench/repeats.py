@@ -189,7 +189,7 @@ def _row(label: str, stats: dict[str, Any]) -> str:
 def report(result: dict[str, Any]) -> str:
     reg, rep = result["reregister"], result["repeated_line"]
     lines = [
-        f"re-registering an 8.65 s 48 kHz WAV ({reg['clip_bytes'] // 1024} KB), round trip:",
+        f"re-registering an 8.65 s 48 kHz WAV ({reg['clip_bytes'] / 1000:.0f} KB), round trip:",
         _row("same bytes (upload alias, no decode)", reg["same_bytes_ms"]),
         _row("same samples, new bytes (decode + L1 hit)", reg["same_samples_new_bytes_ms"]),
         "a repeated line, time to first audio:",
