@@ -50,7 +50,7 @@ from .harness import (
 )
 
 if TYPE_CHECKING:
-    from live.audio import CanonicalClip
+    from live.audio import CanonicalClip, ClipQuality
     from live.metrics import Metrics
     from live.redis_tier import RedisTier
     from live.services import StoreFactory
@@ -62,18 +62,21 @@ if TYPE_CHECKING:
 
 def _recording_store(seen: list[tuple[str, float]]) -> StoreFactory:
     """A ``store_factory`` for the server: its usual store, noting (source, server-side seconds)
-    of every ``aresolve`` in ``seen``.
+    of every upload it resolves in ``seen``.
 
     ``ResolvedVoice.seconds`` is the store's own clock around L1 → Redis → encoder, the figure
-    behind the ``livevoice_voice_lookup_seconds`` histogram, without its coarse buckets.
+    behind the ``livevoice_voice_lookup_seconds`` histogram, without its coarse buckets. Bytes
+    seen before skip the decode (their upload alias), so it counts from the upload.
     """
     from live.voices import VoiceStore
 
     class RecordingStore(VoiceStore):
-        async def aresolve(self, clip: CanonicalClip) -> ResolvedVoice:
-            resolved = await super().aresolve(clip)
+        async def aresolve_upload(
+            self, data: bytes, **kwargs: Any
+        ) -> tuple[ResolvedVoice, ClipQuality]:
+            resolved, quality = await super().aresolve_upload(data, **kwargs)
             seen.append((resolved.source.value, resolved.seconds))
-            return resolved
+            return resolved, quality
 
     return RecordingStore
 

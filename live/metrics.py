@@ -76,6 +76,50 @@ class Metrics:
         self.errors = Counter(
             "livevoice_protocol_errors", "Errors sent to clients by code", ["code"], registry=r
         )
+        self._cache_metrics(r)
+
+    def _cache_metrics(self, r: CollectorRegistry) -> None:
+        """Upload aliases, near-duplicate voices and the rendered-audio cache (issue 12)."""
+        self.upload_aliases = Counter(
+            "livevoice_upload_aliases",
+            "Registrations by what their exact bytes' alias gave: l1 or redis (no decode), "
+            "miss or stale (decoded)",
+            ["outcome"],
+            registry=r,
+        )
+        self.near_duplicates = Counter(
+            "livevoice_voice_near_duplicates",
+            "New voices embedded within cosine 0.99 of a voice their tenant already has",
+            registry=r,
+        )
+        self.rendered_lookups = Counter(
+            "livevoice_rendered_lookups",
+            "Lines by rendered-audio cache outcome: hit, miss, skipped (Redis unavailable)",
+            ["outcome"],
+            registry=r,
+        )
+        self.rendered_served_bytes = Counter(
+            "livevoice_rendered_served_bytes",
+            "Bytes of stored PCM (s16le) streamed from the rendered-audio cache",
+            registry=r,
+        )
+        self.rendered_stores = Counter(
+            "livevoice_rendered_stores",
+            "Finished lines offered to the rendered-audio cache, by outcome: stored, too_big, "
+            "over_budget, unavailable",
+            ["outcome"],
+            registry=r,
+        )
+        self.rendered_evictions = Counter(
+            "livevoice_rendered_evictions",
+            "Lines evicted (least recently used) to keep the rendered-audio byte budget",
+            registry=r,
+        )
+        self.rendered_bytes = Gauge(
+            "livevoice_rendered_bytes",
+            "Bytes the rendered-audio cache holds in Redis, as of this server's last store",
+            registry=r,
+        )
 
     def watch_tier(self, tier: TierCounters) -> None:
         """Export the Redis tier's own counters and breaker state at scrape time."""

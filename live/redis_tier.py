@@ -39,6 +39,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Lookup",
     "RedisTier",
+    "alias_key",
     "decode_purge",
     "decode_value",
     "encode_purge",
@@ -48,6 +49,7 @@ __all__ = [
     "record_key",
     "redacted_url",
     "refs_key",
+    "rendered_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,83 @@ end
 redis.call("PUBLISH", "{PURGE_CHANNEL}", ARGV[2])
 return 0
 """
+
+# --- rendered audio (live.rendered): a byte budget kept by Redis itself ----------------------
+# Entries are plain keys with a TTL (evictable under ``volatile-*``, like embeddings). Beside
+# them: a sorted set of entries by last use (Redis' clock, in µs), a hash of their sizes and the
+# sum. Every write trims, atomically across servers: first entries unused for longer than the TTL
+# (their keys have expired: only the index remembers them), then the least recently used until
+# the sum fits the budget. A hit bumps its entry's last use and TTL. The index keys carry the
+# TTL too, refreshed on every write, so an idle cache leaves nothing behind.
+_RENDERED_INDEX: Final = f"{_PREFIX}:rendered-index"
+_RENDERED_SIZES: Final = f"{_PREFIX}:rendered-sizes"
+_RENDERED_TOTAL: Final = f"{_PREFIX}:rendered-bytes"
+
+# KEYS: entry, index, sizes, total. ARGV: value, ttl ms, budget bytes.
+# Returns {1 if stored (0: larger than the whole budget), bytes held after, entries evicted}.
+_RENDERED_PUT_LUA: Final = """
+local now = redis.call("TIME")
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local ttl, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
+local size = string.len(ARGV[1])
+local total = tonumber(redis.call("GET", KEYS[4]) or "0")
+local function forget(member)
+    local was = tonumber(redis.call("HGET", KEYS[3], member) or "0")
+    redis.call("HDEL", KEYS[3], member)
+    redis.call("ZREM", KEYS[2], member)
+    total = total - was
+end
+for _, member in ipairs(redis.call("ZRANGEBYSCORE", KEYS[2], "-inf", now_us - ttl * 1000)) do
+    forget(member)
+end
+if redis.call("HEXISTS", KEYS[3], KEYS[1]) == 1 then
+    forget(KEYS[1])
+end
+local evicted = 0
+while total + size > budget do
+    local oldest = redis.call("ZRANGE", KEYS[2], 0, 0)
+    if #oldest == 0 then break end
+    forget(oldest[1])
+    redis.call("DEL", oldest[1])
+    evicted = evicted + 1
+end
+if total + size > budget then
+    if total < 0 then total = 0 end
+    redis.call("SET", KEYS[4], total, "PX", ttl)
+    return {0, total, evicted}
+end
+redis.call("SET", KEYS[1], ARGV[1], "PX", ttl)
+redis.call("ZADD", KEYS[2], now_us, KEYS[1])
+redis.call("HSET", KEYS[3], KEYS[1], size)
+total = total + size
+redis.call("SET", KEYS[4], total, "PX", ttl)
+redis.call("PEXPIRE", KEYS[2], ttl)
+redis.call("PEXPIRE", KEYS[3], ttl)
+return {1, total, evicted}
+"""
+
+# KEYS: entry, index. ARGV: ttl ms. The value, its TTL and last use refreshed; nil on a miss.
+_RENDERED_GET_LUA: Final = """
+local value = redis.call("GET", KEYS[1])
+if value then
+    local now = redis.call("TIME")
+    redis.call("PEXPIRE", KEYS[1], ARGV[1])
+    redis.call("ZADD", KEYS[2], "XX", tonumber(now[1]) * 1000000 + tonumber(now[2]), KEYS[1])
+end
+return value
+"""
+
+
+def rendered_key(digest: str) -> str:
+    """One rendered line (``live.rendered``): cache, with a TTL, inside the byte budget."""
+    return f"{_PREFIX}:rendered:{digest}"
+
+
+def alias_key(digest: str) -> str:
+    """An upload's exact bytes → the fingerprint their decode gave (``live.audio.UploadAlias``):
+    cache, with the embeddings' TTL."""
+    return f"{_PREFIX}:alias:{digest}"
+
 
 T = TypeVar("T")
 
@@ -274,6 +353,8 @@ class RedisTier:
         )
         self._unlock = self._client.register_script(_UNLOCK_LUA)
         self._delete_voice = self._client.register_script(_DELETE_VOICE_LUA)
+        self._rendered_put = self._client.register_script(_RENDERED_PUT_LUA)
+        self._rendered_get = self._client.register_script(_RENDERED_GET_LUA)
         self.instance = uuid.uuid4().hex
         """This tier's name on the purge channel and in its lock tokens (so it never waits on
         a lock it left itself)."""
@@ -596,6 +677,47 @@ class RedisTier:
         if isinstance(value, bytes):
             value = value.decode()
         return value if isinstance(value, str) else None
+
+    # --- upload aliases (live.voices.UploadAliases) -----------------------------------------
+    async def aget_alias(self, digest: str) -> bytes | None:
+        """The alias stored for an upload's bytes (TTL refreshed), or None: absent, or Redis
+        unavailable (either way the caller decodes)."""
+        k = alias_key(digest)
+        raw = await self._run(lambda: self._client.getex(k, ex=self.ttl_s))
+        return raw if isinstance(raw, bytes) else None
+
+    async def aput_alias(self, digest: str, value: bytes) -> bool:
+        """Store an upload's alias with the embeddings' TTL: it is worth keeping only as long as
+        the embedding it leads to."""
+        k = alias_key(digest)
+        done = await self._run(lambda: self._client.set(k, value, ex=self.ttl_s))
+        return done is not _DOWN and bool(done)
+
+    # --- rendered audio (live.rendered) ---------------------------------------------------
+    async def aget_rendered(self, digest: str, ttl_s: float) -> bytes | _Down | None:
+        """A rendered line's stored value, its TTL and last use refreshed; None when absent,
+        :data:`DOWN` when Redis did not answer."""
+        keys = [rendered_key(digest), _RENDERED_INDEX]
+        raw = await self._run(lambda: self._rendered_get(keys=keys, args=[int(ttl_s * 1000)]))
+        if raw is _DOWN or raw is None or isinstance(raw, bytes):
+            return raw
+        self.corrupt += 1
+        return None
+
+    async def aput_rendered(
+        self, digest: str, value: bytes, *, ttl_s: float, budget_bytes: int
+    ) -> tuple[bool, int, int] | None:
+        """Store a rendered line within the byte budget, evicting the least recently used
+        lines to make room (one atomic script, shared by every server on this Redis).
+
+        (stored, bytes held after, lines evicted); None when Redis did not answer.
+        """
+        keys = [rendered_key(digest), _RENDERED_INDEX, _RENDERED_SIZES, _RENDERED_TOTAL]
+        args: list[bytes | int] = [value, int(ttl_s * 1000), budget_bytes]
+        done = await self._run(lambda: self._rendered_put(keys=keys, args=args))
+        if done is _DOWN or not isinstance(done, list) or len(done) != 3:
+            return None
+        return bool(done[0]), int(done[1]), int(done[2])
 
     # --- scripts of other parts (the tenants' shared limits) --------------------------------
     def script(self, lua: str) -> Callable[[list[str], list[str | int | float]], Awaitable[Any]]:

@@ -26,6 +26,7 @@ from .connections import Lobby
 from .embedded import EmbeddedRedis
 from .metrics import Metrics
 from .redis_tier import RedisTier
+from .rendered import RenderedSpeech
 from .settings import Limits, Settings
 from .shared_channels import SharedChannels
 from .speech import PiperEngine, SpeechEngine
@@ -177,6 +178,17 @@ async def aservices(
             log.info("redis tier at %s", tier.display_url)
 
         metrics = Metrics()
+        if tier is not None and settings.rendered_cache and settings.rendered_budget_bytes > 0:
+            engine = RenderedSpeech(
+                engine,
+                tier,
+                metrics=metrics,
+                ttl_s=settings.rendered_ttl_s,
+                budget_bytes=settings.rendered_budget_bytes,
+                max_entry_bytes=settings.rendered_max_entry_bytes,
+            )
+            # Closed before the tier's pool (pushed after it): its last stores land.
+            stack.push_async_callback(close_logged, "rendered-audio cache", engine.aclose)
         store = store_factory(
             embedder,
             l1_capacity=settings.l1_voices,

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 ENV_PREFIX = "LIVEVOICE_"
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLEANS |= {"0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +96,16 @@ class Settings:
     speakerbot_voices: str | None = None
     """Speaker.bot voice aliases: ``Alias=voice_id`` entries separated by commas or newlines;
     ``*=voice_id`` for aliases not listed. An alias not mapped is tried as a voice id."""
+    rendered_cache: bool = True
+    """Keep the PCM of finished lines in Redis (embedded or ``redis_url``) and stream a
+    repeated line (same engine, voice, cleaned text) from there instead of synthesizing it."""
+    rendered_ttl_s: int = 24 * 3600
+    """A rendered line not played again for this long expires; each hit refreshes it."""
+    rendered_budget_bytes: int = 64 * 1024 * 1024
+    """Bytes of rendered PCM kept in Redis across all servers sharing it (~25 minutes of
+    22.05 kHz audio); storing past it evicts the least recently played lines."""
+    rendered_max_entry_bytes: int = 1024 * 1024
+    """Largest line kept (~24 s at 22.05 kHz); longer ones are synthesized every time."""
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -120,6 +132,10 @@ class Settings:
 
 def _parse(raw: str, annotation: object) -> object:
     text = str(annotation)
+    if text.startswith("bool"):
+        if raw.strip().lower() not in _BOOLEANS:
+            raise ValueError(f"expected one of {', '.join(sorted(_BOOLEANS))}, not {raw!r}")
+        return _BOOLEANS[raw.strip().lower()]
     if text.startswith("int"):
         return int(raw)
     if text.startswith("float"):

@@ -7,7 +7,6 @@ which messages fall back to which voice; the embeddings land in the session's ``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -16,7 +15,6 @@ from protocol.errors import InternalError, LivevoiceError
 from protocol.messages import VoiceDelete, VoiceReady, VoiceUse
 from protocol.state import ClipUpload, ServerProtocol, VoiceRequest
 
-from .audio import canonicalize
 from .pinned import PinnedVoice
 from .settings import Limits
 from .values import ResolvedVoice, VoiceRecord
@@ -39,19 +37,20 @@ class VoiceRequests:
         self._log = log
 
     async def aregister(self, tenant: str, upload: ClipUpload, request: VoiceRequest) -> None:
-        """Decode the clip, find or compute its embedding, remember it as the tenant's voice."""
+        """Decode the clip (unless these exact bytes were seen before), find or compute its
+        embedding, remember it as the tenant's voice."""
         start = time.perf_counter()
         limits = self._limits
         try:
-            clip = await asyncio.to_thread(
-                canonicalize, upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
+            resolved, quality = await self._store.aresolve_upload(
+                upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
             )
-            resolved = await self._store.aresolve(clip)
+            self._store.count_near_duplicate(tenant, resolved)
             record = await self._store.aremember(tenant, resolved, upload.register.name)
         except Exception as exc:
             self.failed(request, exc)
         else:
-            self._pin(request, record, resolved, start, quality=clip.quality.to_wire())
+            self._pin(request, record, resolved, start, quality=quality.to_wire())
 
     async def ause(self, tenant: str, use: VoiceUse, request: VoiceRequest) -> None:
         start = time.perf_counter()

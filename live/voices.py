@@ -11,25 +11,34 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import numpy as np
 
 from protocol.errors import EncoderBusy, EncoderFailed, VoiceNotFound, VoiceUnavailable
 
-from .audio import CanonicalClip
+from .audio import (
+    CanonicalClip,
+    ClipQuality,
+    UploadAlias,
+    UploadDigest,
+    canonicalize,
+    upload_digest,
+)
 from .metrics import Metrics
 from .redis_tier import Lookup, RedisTier
 from .values import Embedding, Fingerprint, Purge, ResolvedVoice, VoiceRecord, VoiceSource
 
 # The value types' old home: the session and the engines still import them from here.
 __all__ = [
+    "NEAR_DUPLICATE_COSINE",
     "Embedder",
     "Embedding",
     "EmbeddingL1",
     "Purge",
     "ResolvedVoice",
+    "UploadAliases",
     "VoiceRecord",
     "VoiceSource",
     "VoiceStore",
@@ -37,6 +46,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+NEAR_DUPLICATE_COSINE = 0.99
+"""An upload whose new embedding is this close to one of its tenant's voices is a micro-variant
+of it (a re-encode, a trim, added noise): it cost an encoder call the cache could not save."""
+_HASH_INLINE_BYTES = 1 << 20
+"""Uploads up to this size are hashed on the event loop (~0.6 ms for 1 MiB with SHA-NI; a
+thread hop costs about as much); larger ones in a thread."""
 
 
 class Embedder(Protocol):
@@ -71,6 +87,10 @@ class EmbeddingL1:
         if emb is not None:
             self._entries.move_to_end(fp)
         return emb
+
+    def peek(self, fp: Fingerprint) -> Embedding | None:
+        """The entry without making it recently used (a scan must not reorder the LRU)."""
+        return self._entries.get(fp)
 
     def put(self, fp: Fingerprint, emb: Embedding) -> None:
         self._entries[fp] = emb
@@ -116,6 +136,41 @@ class EmbeddingL1:
             del self._entries[fp]
 
 
+class UploadAliases:
+    """In-process LRU of upload digests → what their decode gave (``UploadAlias``), in front of
+    the same aliases in Redis.
+
+    An alias only says which content some exact bytes decode to; the content fingerprint stays
+    the truth. It is followed only while that content's embedding is still cached, so an alias
+    never outlives a purge in effect; the purge drops the aliases here too (they name deleted
+    audio), and those in Redis expire with the embeddings' TTL.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[UploadDigest, UploadAlias] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: UploadDigest) -> UploadAlias | None:
+        alias = self._entries.get(digest)
+        if alias is not None:
+            self._entries.move_to_end(digest)
+        return alias
+
+    def put(self, digest: UploadDigest, alias: UploadAlias) -> None:
+        self._entries[digest] = alias
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def forget(self, fp: Fingerprint) -> None:
+        """Drop every alias leading to ``fp`` (a scan: purges are rare)."""
+        for digest in [d for d, a in self._entries.items() if a.fingerprint == fp]:
+            del self._entries[digest]
+
+
 def voice_id_for(tenant: str, fp: Fingerprint) -> str:
     """Tenant-scoped id: the same clip registered twice by one tenant keeps its id, and the id
     reveals nothing about the fingerprint (it is keyed by the tenant)."""
@@ -136,6 +191,7 @@ class VoiceStore:
     ) -> None:
         self.embedder = embedder
         self.l1 = EmbeddingL1(l1_capacity)
+        self.aliases = UploadAliases(l1_capacity)
         self.tier = tier
         self.metrics = metrics or Metrics()
         self.lock_wait_s = lock_wait_s
@@ -231,6 +287,91 @@ class VoiceStore:
             time.time(),
         )
         return emb
+
+    # --- uploads: exact bytes seen before skip the decode -----------------------------------
+    async def aresolve_upload(
+        self,
+        data: bytes,
+        *,
+        min_s: float,
+        max_s: float,
+        adecode: Callable[[bytes], Awaitable[CanonicalClip]] | None = None,
+    ) -> tuple[ResolvedVoice, ClipQuality]:
+        """The embedding for an uploaded clip and the clip's quality.
+
+        Bytes seen before (here or by any server sharing Redis) go straight to their content's
+        fingerprint: no decode, no resampling, no voice checks (all deterministic, and their
+        outcome is kept in the alias). New bytes are decoded (``adecode``; by default
+        ``canonicalize`` in a thread) and resolved by content as always, which also catches
+        the same samples in another file; their alias is then remembered.
+        """
+        start = time.perf_counter()
+        if len(data) <= _HASH_INLINE_BYTES:
+            digest = upload_digest(data)
+        else:
+            digest = await asyncio.to_thread(upload_digest, data)
+        alias, where = self.aliases.get(digest), "l1"
+        if alias is None and self.tier is not None:
+            raw = await self.tier.aget_alias(digest)
+            alias, where = (UploadAlias.decode(raw) if raw is not None else None), "redis"
+        if alias is not None and min_s <= alias.duration_s <= max_s:
+            resolved = await self._aknown(alias.fingerprint, start)
+            if resolved is not None:
+                self.metrics.upload_aliases.labels(where).inc()
+                if where == "redis":
+                    self.aliases.put(digest, alias)
+                return resolved, alias.quality
+            where = "stale"  # its embedding is gone (expired, or purged): decode again
+        else:
+            where = "miss"
+        self.metrics.upload_aliases.labels(where).inc()
+        if adecode is None:
+            clip = await asyncio.to_thread(canonicalize, data, min_s=min_s, max_s=max_s)
+        else:
+            clip = await adecode(data)
+        resolved = await self.aresolve(clip)
+        fresh = UploadAlias.of(clip)
+        self.aliases.put(digest, fresh)
+        if self.tier is not None:
+            await self.tier.aput_alias(digest, fresh.encode())
+        return resolved, clip.quality
+
+    async def _aknown(self, fp: Fingerprint, start: float) -> ResolvedVoice | None:
+        """The cached embedding of a content, from L1 or Redis; never computes."""
+        emb = self.l1.get(fp)
+        if emb is not None:
+            return self._resolved(fp, emb, VoiceSource.L1, start)
+        if self.tier is None:
+            return None
+        _, emb = await self.tier.aget(self.embedder.encoder_id, fp, self.embedder.dim)
+        if emb is None:
+            return None
+        self.l1.put(fp, emb)
+        return self._resolved(fp, emb, VoiceSource.REDIS, start)
+
+    def count_near_duplicate(self, tenant: str, resolved: ResolvedVoice) -> bool:
+        """Count (``livevoice_voice_near_duplicates``) a new content the encoder just embedded
+        that lands within cosine ``NEAR_DUPLICATE_COSINE`` of a voice the tenant already has
+        here: a micro-variant that dodged the cache. True when it did.
+
+        Only encoder results are compared (a cache hit dodged nothing), against the tenant's
+        voices this server holds with their embeddings in L1.
+        """
+        if resolved.source is not VoiceSource.ENCODER:
+            return False
+        fp = resolved.fingerprint
+        theirs = {r.fingerprint for (t, _), r in self._records.items() if t == tenant}
+        if fp in theirs:
+            return False
+        vectors = [emb.vector for f in theirs if (emb := self.l1.peek(f)) is not None]
+        if not vectors:
+            return False
+        closest = float(np.max(np.stack(vectors) @ resolved.embedding.vector))
+        if closest < NEAR_DUPLICATE_COSINE:
+            return False
+        self.metrics.near_duplicates.inc()
+        log.info("a near-duplicate voice (cosine %.4f) for tenant %s", closest, tenant[:40])
+        return True
 
     # --- tenant voices ----------------------------------------------------------------------
     async def aremember(
@@ -342,6 +483,7 @@ class VoiceStore:
             self._records.pop((purge.tenant, purge.voice_id), None)
         if purge.gone:
             self.l1.discard(purge.fingerprint)
+            self.aliases.forget(purge.fingerprint)
         for listener in list(self.purge_listeners):
             listener(purge)
 
