@@ -43,6 +43,7 @@ from protocol.messages import (
 from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, word_filter
 
 from .channels import Channel, ChannelMessage, Seat
+from .matching import VoiceMatching
 from .pinned import PinnedVoice
 from .speaker import Speaker
 from .tenants import PUBLIC_TENANT
@@ -80,7 +81,15 @@ class Session:
             clean_text=clean_text,
         )
         self.voice = PinnedVoice(services.store)
-        self.requests = VoiceRequests(self.protocol, self.voice, services.store, limits, self.log)
+        engine = services.engine
+        self.requests = VoiceRequests(
+            self.protocol,
+            self.voice,
+            services.store,
+            limits,
+            self.log,
+            matching=engine if isinstance(engine, VoiceMatching) else None,
+        )
         self.speaker = Speaker(
             self.protocol,
             self.voice,

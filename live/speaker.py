@@ -93,7 +93,12 @@ class Speaker:
                 ttfa = time.perf_counter() - started
             return True
 
-        chunks = engine.stream(job.text, voice.embedding)
+        # Only a matched voice passes a profile: engines from before matching take none.
+        chunks = (
+            engine.stream(job.text, voice.embedding)
+            if voice.profile is None
+            else engine.stream(job.text, voice.embedding, profile=voice.profile)
+        )
         try:
             while (chunk := await self._anext_chunk(chunks, job)) is not None:
                 for frame in framer.feed(cap.take(chunk)):

@@ -8,6 +8,7 @@ which messages fall back to which voice; the embeddings land in the session's ``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -17,6 +18,7 @@ from protocol.messages import VoiceDelete, VoiceReady, VoiceUse
 from protocol.state import ClipUpload, ServerProtocol, VoiceRequest
 
 from .audio import canonicalize
+from .matching import VoiceMatching
 from .pinned import PinnedVoice
 from .settings import Limits
 from .values import ResolvedVoice, VoiceRecord
@@ -31,7 +33,11 @@ class VoiceRequests:
         store: VoiceStore,
         limits: Limits,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        *,
+        matching: VoiceMatching | None = None,
     ) -> None:
+        self._matching = matching
+        """The engine, when it matches voices to their profile."""
         self._protocol = protocol
         self._voice = voice
         self._store = store
@@ -51,7 +57,14 @@ class VoiceRequests:
         except Exception as exc:
             self.failed(request, exc)
         else:
-            self._pin(request, record, resolved, start, quality=clip.quality.to_wire())
+            self._pin(
+                request,
+                record,
+                resolved,
+                start,
+                quality=clip.quality.to_wire(),
+                match=upload.register.match is not False,
+            )
 
     async def ause(self, tenant: str, use: VoiceUse, request: VoiceRequest) -> None:
         start = time.perf_counter()
@@ -60,7 +73,7 @@ class VoiceRequests:
         except Exception as exc:
             self.failed(request, exc)
         else:
-            self._pin(request, record, resolved, start)
+            self._pin(request, record, resolved, start, match=use.match is not False)
 
     def failed(self, request: VoiceRequest, exc: Exception) -> None:
         """The request failed: its error goes to the client, its messages fall back (R4)."""
@@ -92,7 +105,13 @@ class VoiceRequests:
         start: float,
         *,
         quality: dict[str, Any] | None = None,
+        match: bool = True,
     ) -> None:
+        matched: dict[str, Any] | None = None
+        if match and self._matching is not None and resolved.profile is not None:
+            matched = self._matching.match(resolved.profile).to_wire()
+        else:  # spoken in the engine's own voice
+            resolved = dataclasses.replace(resolved, profile=None)
         self._voice.pin(request, resolved)
         ready = VoiceReady(
             voice_id=record.voice_id,
@@ -101,6 +120,7 @@ class VoiceRequests:
             name=record.name,
             duration_s=round(record.duration_s, 3),
             quality=quality,
+            matched=matched,
         )
         self._protocol.voice_pinned(request, ready)
         self._log.info(
