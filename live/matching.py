@@ -7,8 +7,8 @@ gender" through parselmouth), pace through the engine's ``length_scale``. Measur
 WORLD (pyworld) on the same line (issue 14, and ``python -m bench --scenario matching``):
 PSOLA kept more words recognisable (recall 0.82 against 0.77) at a fifth of the CPU (0.01
 against 0.055 CPU seconds per audio second), with the speaker encoder's score as close or
-closer. The parameters come from acoustic measurements of the clip only, never from the speaker encoder's
-score of the output: tuning to that would tune to the metric.
+closer. The parameters come from acoustic measurements of the clip only, never from the
+speaker encoder's score of the output: tuning to that would tune to the metric.
 
 Praat and parselmouth are GPL-3.0-or-later, like piper-tts (see the README).
 """
