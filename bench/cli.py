@@ -15,7 +15,7 @@ from typing import Any
 
 from .harness import ROOT
 
-SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory", "fanout")
+SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory", "fanout", "matching")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

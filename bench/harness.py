@@ -38,6 +38,8 @@ from protocol.client import (
 )
 from protocol.messages import Hello, Message, VoiceReady, VoiceRegister
 
+from .matching import MatchingSizes
+
 if TYPE_CHECKING:
     from live.audio import Fingerprint
     from live.encoder import SpeakerEncoder
@@ -123,6 +125,7 @@ class Sizes:
     outage: OutageSizes = dataclasses.field(default_factory=OutageSizes)
     memory: MemorySizes = dataclasses.field(default_factory=MemorySizes)
     fanout: FanoutSizes = dataclasses.field(default_factory=FanoutSizes)
+    matching: MatchingSizes = dataclasses.field(default_factory=MatchingSizes)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -135,6 +138,7 @@ class Sizes:
             OutageSizes(seconds=9.0, voices=20, clients=8, recovery_wait_s=10.0),
             MemorySizes(redis_keys=1000, l1_voices=1000, evicting_puts=200),
             FanoutSizes(levels=(1, 5, 10), messages=6, interval_s=0.75, rates=(48000, 16000)),
+            MatchingSizes(repeats=1, references=2),
         )
 
     def override(self, assignment: str) -> None:
