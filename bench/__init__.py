@@ -3,7 +3,8 @@
 ``python -m bench`` (or ``livevoice bench``) starts the real server in this process on a free
 loopback port, a real ``redis-server``, and drives both with real WebSocket clients. Scenarios:
 ``lookup``, ``hot_voices``, ``live_sessions``, ``outage``, ``memory``, ``fanout`` (its
-listeners and producer in processes of their own). See ``docs/benchmarks.md``.
+listeners and producer in processes of their own), ``matching`` (voice matching on and off).
+See ``docs/benchmarks.md``.
 
 It runs the server, a redis-server and the clips from ``live.testing`` (shipped with the
 package; nothing comes from ``tests/``) and needs the test extras (matplotlib among them).
