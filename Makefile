@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch must come first: any other torch spec pulls gigabytes of CUDA packages.
 TORCH ?= torch==2.13.0
-APT_PACKAGES := redis-server espeak-ng chromium nodejs openssl
+APT_PACKAGES := redis-server espeak-ng chromium nodejs openssl alsa-utils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: serve install install-test system-test-deps test lint bench clean
@@ -31,7 +31,8 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	touch $@
 
 # Debian packages the tests use: a real redis-server, espeak-ng (a second voice), chromium (the
-# widget test), nodejs (the JS codec test). Each one missing fails its tests: none is skipped.
+# widget test), nodejs (the JS codec test), alsa-utils (its recordings of a human voice: the
+# bench's matching scenario, run by the bench smoke test). Each one missing fails its tests.
 system-test-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \

@@ -15,7 +15,7 @@ from typing import Any
 
 from .harness import ROOT
 
-SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory", "fanout")
+SCENARIOS = ("lookup", "hot_voices", "live_sessions", "outage", "memory", "fanout", "matching")
 """Run by default, against servers in the bench's own process."""
 SEPARATE = ("load",)
 """Run only when named (``--scenario load``): their servers are subprocesses, their runs take

@@ -116,6 +116,15 @@ class FanoutSizes:
 
 
 @dataclass
+class MatchingSizes:
+    repeats: int = 3
+    """Syntheses per reference and condition (Piper samples noise: each one differs)."""
+    references: int = 4
+    """How many of the references, in order: the human clip, two espeak-ng voices, Piper's own
+    (``--quick`` takes the first and the last)."""
+
+
+@dataclass
 class LoadSizes:
     levels: tuple[int, ...] = (1, 16, 32, 64)
     """Chat sessions at ``duty``, starts spread over ``chat_spread_s``."""
@@ -149,6 +158,7 @@ class Sizes:
     memory: MemorySizes = dataclasses.field(default_factory=MemorySizes)
     fanout: FanoutSizes = dataclasses.field(default_factory=FanoutSizes)
     load: LoadSizes = dataclasses.field(default_factory=LoadSizes)
+    matching: MatchingSizes = dataclasses.field(default_factory=MatchingSizes)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -169,6 +179,7 @@ class Sizes:
                 continuous_spread_s=2.0,
                 drain_s=15.0,
             ),
+            MatchingSizes(repeats=1, references=2),
         )
 
     def override(self, assignment: str) -> None:

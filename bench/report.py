@@ -198,6 +198,18 @@ def headline_rows(results: Results) -> list[tuple[str, str, str]]:
                 f"{_fmt(g(s, 'cut_loose'))}",
             ),
         ]
+    for ref, r in scenarios.get("matching", {}).get("references", {}).items():
+        if "plain_cosine" not in r:
+            continue
+        rows.append(
+            (
+                "matching",
+                f"{ref}: cosine, recall plain → matched; PSOLA CPU per audio s",
+                f"{_fmt(r['plain_cosine'])} → {_fmt(r['matched_cosine'])}, "
+                f"{_fmt(r['plain_recall'])} → {_fmt(r['matched_recall'])}; "
+                f"{_fmt(r.get('plain_psola_cpu_per_audio_s'))}",
+            )
+        )
     for name, scenario in scenarios.items():
         if "error" in scenario:
             rows.append((name, "FAILED", str(scenario["error"])[:80]))
@@ -502,6 +514,26 @@ def plot_fanout(data: Results, results: Results, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_matching(data: Results, results: Results, path: Path) -> None:
+    plt = _pyplot()
+    refs = [(k, r) for k, r in data["references"].items() if "plain_cosine" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = np.arange(len(refs))
+    for ax, what, title in (
+        (axes[0], "cosine", "GE2E cosine to the reference"),
+        (axes[1], "recall", "PocketSphinx word recall"),
+    ):
+        ax.bar(xs - 0.2, [r[f"plain_{what}"] for _, r in refs], 0.4, label="Piper as is")
+        ax.bar(xs + 0.2, [r[f"matched_{what}"] for _, r in refs], 0.4, label="matched")
+        ax.set_xticks(xs, [k.replace(" ", "\n", 1) for k, _ in refs], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 PLOTS: dict[str, Callable[[Results, Results, Path], None]] = {
     "lookup": plot_lookup,
     "hot_voices": plot_hot_voices,
@@ -509,6 +541,7 @@ PLOTS: dict[str, Callable[[Results, Results, Path], None]] = {
     "outage": plot_outage,
     "memory": plot_memory,
     "fanout": plot_fanout,
+    "matching": plot_matching,
 }
 
 
@@ -569,6 +602,7 @@ def markdown(results: Results, images: dict[str, str]) -> str:
         ("outage", "4. Redis outage"),
         ("memory", "5. Memory"),
         ("fanout", "6. Fan-out"),
+        ("matching", "8. Voice matching"),
     ]
     for name, title in sections:
         data = sc.get(name)
@@ -712,6 +746,8 @@ def markdown(results: Results, images: dict[str, str]) -> str:
             ]
         elif name == "fanout":
             out += fanout_markdown(data)
+        elif name == "matching":
+            out += matching_markdown(data)
         elif name == "memory":
             s = data["summary"]
             rows = [[k, _fmt(v)] for k, v in s.items()]
@@ -719,6 +755,44 @@ def markdown(results: Results, images: dict[str, str]) -> str:
         if name in images:
             out += [f"![{title}]({images[name]})", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def matching_markdown(data: Results) -> list[str]:
+    """The matching section: one row per reference, plain and matched side by side."""
+    rows = []
+    for ref, r in data["references"].items():
+        if "plain_cosine" not in r:
+            rows.append([ref] + ["skipped"] * 8)
+            continue
+        matched = r.get("matched") or {}
+        rows.append(
+            [
+                ref,
+                f"{_fmt(r['plain_cosine'])} / {_fmt(r['matched_cosine'])}",
+                f"{_fmt(r['plain_recall'])} / {_fmt(r['matched_recall'])}",
+                f"{_fmt(r['plain_ttfa_ms'])} / {_fmt(r['matched_ttfa_ms'])}",
+                f"{_fmt(r['plain_cpu_per_audio_s'])} / {_fmt(r['matched_cpu_per_audio_s'])}",
+                _fmt(r.get("plain_psola_cpu_per_audio_s")),
+                ", ".join(f"{k} {v}" for k, v in matched.items() if k != "clamped") or "-",
+                ", ".join(matched.get("clamped", [])) or "-",
+            ]
+        )
+    return [
+        _md_table(
+            [
+                "reference",
+                "GE2E cosine plain / matched",
+                "word recall plain / matched",
+                "engine TTFA ms plain / matched",
+                "CPU s per audio s plain / matched",
+                "PSOLA CPU s per audio s",
+                "matched",
+                "clamped",
+            ],
+            rows,
+        ),
+        "",
+    ]
 
 
 def fanout_markdown(data: Results) -> list[str]:

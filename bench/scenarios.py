@@ -48,6 +48,7 @@ from .harness import (
     ratio,
     zipf_sequence,
 )
+from .matching import arun_matching
 
 if TYPE_CHECKING:
     from live.audio import CanonicalClip, ClipQuality
@@ -1236,6 +1237,7 @@ RUNNERS: dict[str, Callable[[BenchContext, Any, float], Awaitable[dict[str, Any]
     "outage": arun_outage,
     "memory": arun_memory,
     "fanout": arun_fanout,
+    "matching": arun_matching,
 }
 
 __all__ = ["RUNNERS", "WS_TIMEOUT", "play"]

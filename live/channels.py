@@ -37,7 +37,7 @@ from protocol.state import (
 from protocol.wordfilter import WordFilter
 
 from .pcm import AudioCap, PcmFramer
-from .speech import SpeechEngine, anext_chunk
+from .speech import SpeechEngine, anext_chunk, speak_in
 from .values import ResolvedVoice
 
 log = logging.getLogger(__name__)
@@ -596,7 +596,7 @@ class LocalChannel:
         spoken = 0
         started = time.perf_counter()
         ttfa: float | None = None
-        chunks = engine.stream(line.text, voice.embedding)
+        chunks = speak_in(engine, line.text, voice)
         try:
             while (chunk := await self._next_chunk(chunks, message)) is not None:
                 chunk = cap.take(chunk)

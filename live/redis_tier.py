@@ -32,11 +32,12 @@ from redis.exceptions import (
 )
 
 from .breaker import BreakerState, CircuitBreaker
-from .values import Embedding, Fingerprint, Purge, VoiceRecord
+from .values import Embedding, Fingerprint, Purge, VoiceProfile, VoiceRecord
 
 __all__ = [
     "DOWN",
     "FORMAT_VERSION",
+    "VALUE_VERSION",
     "Lookup",
     "RedisTier",
     "alias_key",
@@ -55,6 +56,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION: Final = 1
+"""Version of the voice records (``aput_record``)."""
+VALUE_VERSION: Final = 2
+"""Version of the embedding values: 2 adds the voice profile (``prof``). Values of version 1
+still load, with no profile: the next registration of the clip computes one and writes the
+value again; a ``voice.use`` of such a voice speaks unmatched until then."""
 _DTYPE: Final = "<f4"
 _PREFIX: Final = "livevoice:v1"
 
@@ -241,19 +247,44 @@ def encode_value(emb: Embedding) -> bytes:
     vector = np.ascontiguousarray(emb.vector, dtype=_DTYPE)
     if vector.ndim != 1:
         raise ValueError(f"embedding must be one-dimensional, got shape {vector.shape}")
-    packed: bytes = msgpack.packb(
-        {
-            "v": FORMAT_VERSION,
-            "enc": emb.encoder_id,
-            "dim": int(vector.shape[0]),
-            "dtype": _DTYPE,
-            "data": vector.tobytes(),
-            "created": float(emb.created),
-            "dur": float(emb.duration_s),
-        },
-        use_bin_type=True,
-    )
+    value: dict[str, Any] = {
+        "v": VALUE_VERSION,
+        "enc": emb.encoder_id,
+        "dim": int(vector.shape[0]),
+        "dtype": _DTYPE,
+        "data": vector.tobytes(),
+        "created": float(emb.created),
+        "dur": float(emb.duration_s),
+    }
+    if emb.profile is not None:
+        p = emb.profile
+        value["prof"] = {
+            "f0": float(p.f0_hz),
+            "range": float(p.f0_range_st),
+            "fmt": [float(f) for f in p.formants_hz],
+            "syl": float(p.syllables_per_s),
+        }
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
     return packed
+
+
+def _decode_profile(obj: object) -> VoiceProfile | None:
+    """A value's profile; None when it is not a well-formed one (the embedding still loads)."""
+    if not isinstance(obj, dict):
+        return None
+    f0, spread, formants, rate = obj.get("f0"), obj.get("range"), obj.get("fmt"), obj.get("syl")
+    if not (
+        _is_number(f0)
+        and _is_number(spread)
+        and _is_number(rate)
+        and isinstance(formants, tuple)
+        and len(formants) == 3
+        and all(_is_number(f) and f > 0 for f in formants)
+        and f0 > 0
+    ):
+        return None
+    f2, f3, f4 = (float(f) for f in formants)
+    return VoiceProfile(float(f0), float(spread), (f2, f3, f4), float(rate))
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -280,7 +311,7 @@ def decode_value(raw: bytes, *, encoder_id: str, dim: int) -> Embedding | None:
     created, duration = obj.get("created"), obj.get("dur")
     if not (
         _is_int(version)
-        and version == FORMAT_VERSION
+        and version in (1, VALUE_VERSION)
         and obj.get("enc") == encoder_id
         and _is_int(obj.get("dim"))
         and obj.get("dim") == dim
@@ -294,7 +325,13 @@ def decode_value(raw: bytes, *, encoder_id: str, dim: int) -> Embedding | None:
     vector = np.frombuffer(data, dtype=_DTYPE).astype(np.float32)  # a writable copy
     if not np.isfinite(vector).all():
         return None
-    return Embedding(vector=vector, encoder_id=encoder_id, duration_s=duration, created=created)
+    return Embedding(
+        vector=vector,
+        encoder_id=encoder_id,
+        duration_s=duration,
+        created=created,
+        profile=_decode_profile(obj.get("prof")),
+    )
 
 
 def redacted_url(url: str) -> str:

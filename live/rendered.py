@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .pcm import to_s16le
 from .redis_tier import DOWN, RedisTier
 from .speech import SpeechEngine
-from .values import Embedding
+from .values import Embedding, VoiceProfile
 
 __all__ = ["RenderedSpeech", "decode_rendered", "encode_rendered"]
 
@@ -116,12 +116,14 @@ class RenderedSpeech:
             h.update(part)
         return h.hexdigest()
 
-    async def stream(self, text: str, voice: Embedding) -> AsyncGenerator[np.ndarray, None]:
-        key = self.render_key(text, voice)
+    async def stream(
+        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
+    ) -> AsyncGenerator[np.ndarray, None]:
+        key = self.render_key(text, voice, profile=None if profile is None else repr(profile))
         raw = await self.tier.aget_rendered(key, self.ttl_s)
         if raw is DOWN:
             self.metrics.rendered_lookups.labels("skipped").inc()
-            async with contextlib.aclosing(self.inner.stream(text, voice)) as chunks:
+            async with contextlib.aclosing(self._inner_stream(text, voice, profile)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
@@ -137,7 +139,7 @@ class RenderedSpeech:
         self.metrics.rendered_lookups.labels("miss").inc()
         kept: list[bytes] = []
         size = 0
-        async with contextlib.aclosing(self.inner.stream(text, voice)) as chunks:
+        async with contextlib.aclosing(self._inner_stream(text, voice, profile)) as chunks:
             async for chunk in chunks:
                 if size <= self.max_entry_bytes:
                     s16 = to_s16le(chunk)
@@ -152,6 +154,14 @@ class RenderedSpeech:
             self.metrics.rendered_stores.labels("too_big").inc()
         elif size:
             self._store_later(key, encode_rendered(self.sample_rate, b"".join(kept)))
+
+    def _inner_stream(
+        self, text: str, voice: Embedding, profile: VoiceProfile | None
+    ) -> AsyncGenerator[np.ndarray, None]:
+        """Only a matched voice passes a profile: engines from before matching take none."""
+        if profile is None:
+            return self.inner.stream(text, voice)
+        return self.inner.stream(text, voice, profile=profile)
 
     def _store_later(self, key: str, value: bytes) -> None:
         task = asyncio.create_task(self._astore(key, value))

@@ -24,6 +24,7 @@ from aiohttp import WSCloseCode, web
 from .channels import ChannelHub, LocalChannels
 from .connections import Lobby
 from .embedded import EmbeddedRedis
+from .matching import VoiceMatching
 from .metrics import Metrics
 from .redis_tier import RedisTier
 from .rendered import RenderedSpeech
@@ -93,6 +94,8 @@ class Services:
     checks: tuple[ReadinessCheck, ...] = ()
     channels: ChannelHub | None = None
     """The tenants' channels (``channel.join``); None: this app serves none."""
+    matching: VoiceMatching | None = None
+    """The engine, when it matches voices to their profile (under any cache around it)."""
 
     async def aclose_sockets(self) -> None:
         """Close every session's socket (on shutdown, before aiohttp waits for handlers)."""
@@ -178,6 +181,7 @@ async def aservices(
             log.info("redis tier at %s", tier.display_url)
 
         metrics = Metrics()
+        matching = engine if isinstance(engine, VoiceMatching) else None
         if tier is not None and settings.rendered_cache and settings.rendered_budget_bytes > 0:
             engine = RenderedSpeech(
                 engine,
@@ -211,6 +215,7 @@ async def aservices(
                 frame_ms=settings.frame_ms,
                 max_message_audio_s=settings.limits.max_message_audio_s,
                 max_queue=settings.limits.max_queue,
+                matching=matching is not None,
             )
         else:
             channels = LocalChannels(
@@ -237,6 +242,7 @@ async def aservices(
             lobby=Lobby(settings.max_unauthenticated),
             channels=channels,
             checks=tuple(checks),
+            matching=matching,
         )
         # After the sockets close (before the tier's pool does): their slots' removals land.
         stack.push_async_callback(close_logged, "tenant limits", services.tenant_limits.aclose)

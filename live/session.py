@@ -80,7 +80,14 @@ class Session:
             clean_text=clean_text,
         )
         self.voice = PinnedVoice(services.store)
-        self.requests = VoiceRequests(self.protocol, self.voice, services.store, limits, self.log)
+        self.requests = VoiceRequests(
+            self.protocol,
+            self.voice,
+            services.store,
+            limits,
+            self.log,
+            matching=services.matching,
+        )
         self.speaker = Speaker(
             self.protocol,
             self.voice,
@@ -330,6 +337,8 @@ class Session:
         except Exception as exc:
             self.log.error("failed to resolve a message's voice", exc_info=exc)
             raise InternalError("the server failed to resolve this message's voice") from exc
+        if self.services.matching is None:  # an engine that does not match takes no profile
+            return dataclasses.replace(resolved, profile=None)
         return resolved
 
     async def _acontrol(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -53,7 +54,7 @@ from protocol.wordfilter import WordFilter
 
 from .channels import LISTENER_BUFFER_S, ChannelMessage, Fanout, Line, Seat
 from .pcm import AudioCap, PcmFramer, to_s16le
-from .speech import SpeechEngine, anext_chunk
+from .speech import SpeechEngine, anext_chunk, speak_in
 from .values import ResolvedVoice
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,11 @@ class SharedChannels:
         max_queue: int,
         max_listener_buffer_s: float = LISTENER_BUFFER_S,
         op_timeout_s: float = 1.0,
+        matching: bool = False,
     ) -> None:
+        self.matching = matching
+        """Whether the engine matches voices (lines are spoken matched when their voice has a
+        profile)."""
         self._redis: redis.asyncio.Redis = redis.asyncio.from_url(
             url,
             socket_timeout=BLOCK_MS / 1000 + 5,
@@ -975,7 +980,7 @@ class SharedChannel:
             return  # the lease went meanwhile: the new speaker speaks it
         cap = AudioCap(self.hub.max_message_audio_s, engine.sample_rate)
         spoken, ttfa, piece = 0, None, int(PIECE_S * engine.sample_rate)
-        chunks = engine.stream(line.text, voice.embedding)
+        chunks = speak_in(engine, line.text, voice)
         try:
             while not speaking.stop.is_set():
                 chunk = await anext_chunk(chunks, speaking.stop)
@@ -1031,7 +1036,10 @@ class SharedChannel:
         if stored.voice_error is not None:
             raise _error(*stored.voice_error, stored.line.id)
         assert stored.line.voice is not None
-        return await self.hub.resolve(self.tenant, stored.line.voice)
+        voice = await self.hub.resolve(self.tenant, stored.line.voice)
+        if not self.hub.matching:  # an engine that does not match takes no profile
+            voice = dataclasses.replace(voice, profile=None)
+        return voice
 
 
 def _samples(pcm: bytes) -> np.ndarray:

@@ -20,7 +20,7 @@ from protocol.state import ServerProtocol, SpeakJob
 
 from .pcm import AudioCap, PcmFramer
 from .pinned import PinnedVoice
-from .speech import SpeechEngine, anext_chunk
+from .speech import SpeechEngine, anext_chunk, speak_in
 
 
 class Speaker:
@@ -93,7 +93,7 @@ class Speaker:
                 ttfa = time.perf_counter() - started
             return True
 
-        chunks = engine.stream(job.text, voice.embedding)
+        chunks = speak_in(engine, job.text, voice)
         try:
             while (chunk := await self._anext_chunk(chunks, job)) is not None:
                 for frame in framer.feed(cap.take(chunk)):

@@ -12,14 +12,45 @@ from typing import NewType
 
 import numpy as np
 
-__all__ = ["Embedding", "Fingerprint", "Purge", "ResolvedVoice", "VoiceRecord", "VoiceSource"]
+__all__ = [
+    "Embedding",
+    "Fingerprint",
+    "Purge",
+    "ResolvedVoice",
+    "VoiceProfile",
+    "VoiceRecord",
+    "VoiceSource",
+]
 
 Fingerprint = NewType("Fingerprint", str)
 """Hex BLAKE2b-256 of a clip's canonical PCM: the same audio in any container has the same one."""
 
 
 @dataclass(frozen=True, slots=True)
+class VoiceProfile:
+    """What the ear notices first in a voice, measured from a clip (``live.matching.analyse``).
+
+    Absolute measurements of the clip alone, so one profile serves any engine: what an engine
+    changes to match it (``live.matching.plan``) is derived from this and the engine's own
+    profile when a voice is pinned.
+    """
+
+    f0_hz: float
+    """Median fundamental frequency over the voiced frames."""
+    f0_range_st: float
+    """Spread of the pitch: 10th to 90th percentile of F0, in semitones."""
+    formants_hz: tuple[float, float, float]
+    """Median F2, F3, F4 over the voiced frames (the vocal tract's length sets them; F1
+    follows the vowel and the pitch more than the speaker)."""
+    syllables_per_s: float
+    """Articulation rate: syllable nuclei (intensity peaks in voiced stretches) per second of
+    speech, pauses left out."""
+
+
+@dataclass(frozen=True, slots=True)
 class Embedding:
+    """The cached value for one clip's content: its speaker embedding and voice profile."""
+
     vector: np.ndarray
     """float32, shape (dim,), L2-normalised."""
     encoder_id: str
@@ -27,6 +58,9 @@ class Embedding:
     """Duration of the reference clip."""
     created: float
     """Unix time the encoder computed it."""
+    profile: VoiceProfile | None = None
+    """The clip's pitch, formants and pace; None for a value cached before profiles existed
+    (computed again when the clip itself is registered once more)."""
 
 
 class VoiceSource(enum.StrEnum):
@@ -43,6 +77,9 @@ class ResolvedVoice:
     embedding: Embedding
     source: VoiceSource
     seconds: float
+    profile: VoiceProfile | None = None
+    """The profile the engine matches this voice to: the embedding's, or None when the request
+    turned matching off (``match: false``) or the engine does not match voices."""
 
 
 @dataclass(frozen=True, slots=True)

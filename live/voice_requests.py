@@ -7,6 +7,7 @@ which messages fall back to which voice; the embeddings land in the session's ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from protocol.errors import InternalError, LivevoiceError
 from protocol.messages import VoiceDelete, VoiceReady, VoiceUse
 from protocol.state import ClipUpload, ServerProtocol, VoiceRequest
 
+from .matching import VoiceMatching
 from .pinned import PinnedVoice
 from .settings import Limits
 from .values import ResolvedVoice, VoiceRecord
@@ -29,7 +31,11 @@ class VoiceRequests:
         store: VoiceStore,
         limits: Limits,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        *,
+        matching: VoiceMatching | None = None,
     ) -> None:
+        self._matching = matching
+        """The engine, when it matches voices to their profile."""
         self._protocol = protocol
         self._voice = voice
         self._store = store
@@ -50,7 +56,14 @@ class VoiceRequests:
         except Exception as exc:
             self.failed(request, exc)
         else:
-            self._pin(request, record, resolved, start, quality=quality.to_wire())
+            self._pin(
+                request,
+                record,
+                resolved,
+                start,
+                quality=quality.to_wire(),
+                match=upload.register.match is not False,
+            )
 
     async def ause(self, tenant: str, use: VoiceUse, request: VoiceRequest) -> None:
         start = time.perf_counter()
@@ -59,7 +72,7 @@ class VoiceRequests:
         except Exception as exc:
             self.failed(request, exc)
         else:
-            self._pin(request, record, resolved, start)
+            self._pin(request, record, resolved, start, match=use.match is not False)
 
     def failed(self, request: VoiceRequest, exc: Exception) -> None:
         """The request failed: its error goes to the client, its messages fall back (R4)."""
@@ -91,7 +104,13 @@ class VoiceRequests:
         start: float,
         *,
         quality: dict[str, Any] | None = None,
+        match: bool = True,
     ) -> None:
+        matched: dict[str, Any] | None = None
+        if match and self._matching is not None and resolved.profile is not None:
+            matched = self._matching.match(resolved.profile).to_wire()
+        else:  # spoken in the engine's own voice
+            resolved = dataclasses.replace(resolved, profile=None)
         self._voice.pin(request, resolved)
         ready = VoiceReady(
             voice_id=record.voice_id,
@@ -100,6 +119,7 @@ class VoiceRequests:
             name=record.name,
             duration_s=round(record.duration_s, 3),
             quality=quality,
+            matched=matched,
         )
         self._protocol.voice_pinned(request, ready)
         self._log.info(

@@ -7,6 +7,7 @@ call per distinct content (single-flight in process, a Redis lock across process
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -26,9 +27,18 @@ from .audio import (
     canonicalize,
     upload_digest,
 )
+from .matching import analyse
 from .metrics import Metrics
 from .redis_tier import Lookup, RedisTier
-from .values import Embedding, Fingerprint, Purge, ResolvedVoice, VoiceRecord, VoiceSource
+from .values import (
+    Embedding,
+    Fingerprint,
+    Purge,
+    ResolvedVoice,
+    VoiceProfile,
+    VoiceRecord,
+    VoiceSource,
+)
 
 # The value types' old home: the session and the engines still import them from here.
 __all__ = [
@@ -188,8 +198,12 @@ class VoiceStore:
         metrics: Metrics | None = None,
         lock_wait_s: float = 3.0,
         max_encoder_jobs: int = 64,
+        profiler: Callable[[np.ndarray], VoiceProfile | None] | None = analyse,
     ) -> None:
         self.embedder = embedder
+        self.profiler = profiler
+        """Measures a clip's voice profile (pitch, formants, pace) beside its embedding, off
+        the event loop; None stores no profiles (nothing is matched)."""
         self.l1 = EmbeddingL1(l1_capacity)
         self.aliases = UploadAliases(l1_capacity)
         self.tier = tier
@@ -214,7 +228,7 @@ class VoiceStore:
         start = time.perf_counter()
         fp = clip.fingerprint
         emb = self.l1.get(fp)
-        if emb is not None:
+        if emb is not None and (emb.profile is not None or self.profiler is None):
             return self._resolved(fp, emb, VoiceSource.L1, start)
         flight = self._flights.get(fp)
         if flight is None:
@@ -250,9 +264,12 @@ class VoiceStore:
         seconds = time.perf_counter() - start
         self.metrics.lookups.labels(source.value).inc()
         self.metrics.lookup_seconds.labels(source.value).observe(seconds)
-        return ResolvedVoice(fp, emb, source, seconds)
+        return ResolvedVoice(fp, emb, source, seconds, emb.profile)
 
     async def _alookup(self, clip: CanonicalClip) -> tuple[Embedding, VoiceSource]:
+        found = self.l1.get(clip.fingerprint)
+        if found is not None:  # cached before profiles existed: only the profile is missing
+            return await self._awith_profile(clip, found), VoiceSource.L1
         if self.tier is None:
             emb = await self._aencode(clip)
             self.l1.put(clip.fingerprint, emb)
@@ -266,16 +283,43 @@ class VoiceStore:
             lambda: self._aencode(clip),
             wait_s=self.lock_wait_s,
         )
+        if not computed and emb.profile is None and self.profiler is not None:
+            emb = await self._awith_profile(clip, emb)
         self.l1.put(clip.fingerprint, emb)
         return emb, VoiceSource.ENCODER if computed else VoiceSource.REDIS
+
+    async def _awith_profile(self, clip: CanonicalClip, emb: Embedding) -> Embedding:
+        """A value cached before profiles existed, completed from the clip and written again
+        (L1 and Redis), so the next lookup of this content finds it whole."""
+        profile = await self._aprofile(clip)
+        if profile is None:
+            return emb
+        emb = dataclasses.replace(emb, profile=profile)
+        self.l1.put(clip.fingerprint, emb)
+        if self.tier is not None:
+            await self.tier.aput(clip.fingerprint, emb)
+        return emb
+
+    async def _aprofile(self, clip: CanonicalClip) -> VoiceProfile | None:
+        """The clip's voice profile, or None: a clip that defeats the analysis is still a
+        voice, spoken unmatched."""
+        if self.profiler is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.profiler, clip.pcm)
+        except Exception:
+            log.exception("voice profile failed on %s", clip.fingerprint[:12])
+            return None
 
     async def _aencode(self, clip: CanonicalClip) -> Embedding:
         start = time.perf_counter()
         self.encoder_calls += 1
         self.metrics.encoder_calls.inc()
+        profiling = asyncio.ensure_future(self._aprofile(clip))
         try:
             vector = await self.embedder.aembed(clip.pcm)
         except Exception as exc:
+            profiling.cancel()
             self.metrics.encoder_failures.inc()
             log.exception("speaker encoder failed on %s", clip.fingerprint[:12])
             raise EncoderFailed("the speaker encoder failed on this clip") from exc
@@ -285,6 +329,7 @@ class VoiceStore:
             self.embedder.encoder_id,
             clip.duration_s,
             time.time(),
+            await profiling,
         )
         return emb
 

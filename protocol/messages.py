@@ -108,6 +108,8 @@ class VoiceRegister(Message):
     """Container hint: wav, flac, ogg or mp3. The server sniffs the bytes either way."""
     id: str | None = None
     """Optional request id, echoed in the answer (or the error) so requests can overlap."""
+    match: bool | None = None
+    """False: speak in the engine's own voice, not matched to this clip (default: matched)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,8 @@ class VoiceUse(Message):
     voice_id: str
     id: str | None = None
     """Optional request id, echoed in the answer (or the error) so requests can overlap."""
+    match: bool | None = None
+    """False: speak in the engine's own voice, not matched to this clip (default: matched)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +273,12 @@ class VoiceReady(Message):
     """What the server found in a newly registered clip: ``speech_s`` (voiced seconds),
     ``level_dbfs`` (RMS of the speech), ``clipped`` (fraction of clipped samples) and
     ``warnings`` (list of short strings, empty for a good clip). Absent for ``voice.use``."""
+    matched: dict[str, Any] | None = None
+    """What the engine matches of this voice — *matched*, not cloned: ``pitch_hz`` (the pitch
+    median it aims at), ``pitch_range``, ``formants`` (ratio to the engine's own), ``pace``
+    (ratio of speaking rate), ``clamped`` (which of ``pitch``, ``pitch_range``, ``formants``,
+    ``pace`` the limits held back). Absent when the request said ``match: false``, the
+    engine does not match voices, or no profile is known for the voice."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ def good_fields() -> dict[str, object]:
 @pytest.mark.parametrize(
     "change",
     [
-        {"v": 2},
+        {"v": 3},
         {"v": True},
         {"enc": "another-encoder"},
         {"dim": 128},
@@ -177,7 +177,7 @@ async def test_put_get_round_trip(tier: RedisTier, raw: redis.asyncio.Redis) -> 
         assert stored is not None and stored[:1] != b"\x80"  # not a pickle
         fields = msgpack.unpackb(stored)
         assert fields.keys() == {"v", "enc", "dim", "dtype", "data", "created", "dur"}
-        assert (fields["v"], fields["enc"], fields["dim"], fields["dtype"]) == (1, ENC, DIM, "<f4")
+        assert (fields["v"], fields["enc"], fields["dim"], fields["dtype"]) == (2, ENC, DIM, "<f4")
         assert fields["data"] == emb.vector.astype("<f4").tobytes()
         assert (fields["created"], fields["dur"]) == (emb.created, emb.duration_s)
 

@@ -31,8 +31,8 @@ const F = (name, kind, required = false, dflt = undefined) => ({ name, kind, req
 
 export const CLIENT_MESSAGES = {
   hello: [F("token", "str"), F("client", "str"), F("protocol", "int")],
-  "voice.register": [F("name", "str"), F("format", "str"), F("id", "str")],
-  "voice.use": [F("voice_id", "str", true), F("id", "str")],
+  "voice.register": [F("name", "str"), F("format", "str"), F("id", "str"), F("match", "bool")],
+  "voice.use": [F("voice_id", "str", true), F("id", "str"), F("match", "bool")],
   "voice.delete": [F("voice_id", "str", true), F("id", "str")],
   speak: [
     F("id", "str", true),
@@ -83,6 +83,7 @@ export const SERVER_MESSAGES = {
     F("duration_s", "float"),
     F("id", "str"),
     F("quality", "dict"),
+    F("matched", "dict"),
   ],
   "voice.deleted": [F("voice_id", "str"), F("pinned", "bool", false, () => false), F("id", "str")],
   queued: [F("id", "str", true), F("position", "int", true)],
@@ -219,8 +220,9 @@ export function encode(message) {
 
 // Builders for what a client sends.
 export const hello = ({ token, client, protocol = PROTOCOL_VERSION } = {}) => encode({ type: "hello", token, client, protocol });
-export const voiceRegister = ({ name, format, id } = {}) => encode({ type: "voice.register", name, format, id });
-export const voiceUse = (voiceId, { id } = {}) => encode({ type: "voice.use", voice_id: voiceId, id });
+export const voiceRegister = ({ name, format, id, match } = {}) =>
+  encode({ type: "voice.register", name, format, id, match });
+export const voiceUse = (voiceId, { id, match } = {}) => encode({ type: "voice.use", voice_id: voiceId, id, match });
 export const voiceDelete = (voiceId, { id } = {}) => encode({ type: "voice.delete", voice_id: voiceId, id });
 export const speak = (id, text, { sampleRate, user, kind, priority, interrupt, expireS, voiceId } = {}) =>
   encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind, priority, interrupt, expire_s: expireS, voice_id: voiceId });
