@@ -25,7 +25,7 @@ from protocol.messages import (
 from protocol.state import channel_place
 from tests.clips import reference_wav
 from tests.fakes import GatedEngine
-from tests.server import live_server, raw_client, until_message
+from tests.server import live_server, raw_client, until_message, until_true
 from tests.test_channels import is_type, join, joined_protocol, producer, state
 
 pytestmark = pytest.mark.usefixtures("channel_store")
@@ -141,6 +141,8 @@ async def test_paid_messages_are_spoken_before_chat_each_lane_in_order(
             assert isinstance(start, AudioStart)
             order.append(start.id)
         assert order == ["raid", "bits1", "bits2", "chat1", "chat2"]
+        # Across servers a start is announced before its synthesis begins: wait for the last.
+        await until_true(lambda: len(engine.started) == len(order), "every line synthesized")
         assert engine.started == [f"{name}." for name in order]
 
 

@@ -215,6 +215,7 @@ async def serve(redis_url: str) -> AsyncIterator[Served]:
         await proc.wait()
 
 
+@pytest.mark.timeout(300)  # two real servers load their models: slow on a busy 2-core machine
 async def test_a_sigkilled_speaking_server_is_taken_over_and_nothing_accepted_is_lost(
     redis_server: RedisServer,
 ) -> None:
