@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from live.encoder import EncoderWorker, SpeakerEncoder
 from live.shared_channels import SharedChannels
