@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import LivevoiceError, ServerProtocol, SessionState
 from protocol.errors import (
+    ChannelUnavailable,
     Filtered,
     HelloTimeout,
     IdleTimeout,
@@ -349,6 +350,17 @@ class Session:
         channel, seat = self.channel, self.seat
         if channel is None or seat is None:
             return  # a cancel outside a channel: the protocol handled it
+        try:
+            await self._acontrol_channel(channel, seat, message)
+        except ChannelUnavailable as exc:  # answered for the request it was
+            raise ChannelUnavailable(exc.message, message_id=message.id) from exc
+
+    async def _acontrol_channel(
+        self,
+        channel: Channel,
+        seat: Seat,
+        message: ChannelPause | ChannelResume | ChannelSkip | ChannelClear | Cancel,
+    ) -> None:
         if isinstance(message, Cancel):
             if seat.membership.speaks:
                 await channel.acancel(seat, message.id)

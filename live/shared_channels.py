@@ -37,6 +37,8 @@ from typing import Any, Final, TypeVar
 import msgpack
 import numpy as np
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from protocol.codec import decode_client, encode
@@ -368,11 +370,22 @@ class SharedChannels:
         self.matching = matching
         """Whether the engine matches voices (lines are spoken matched when their voice has a
         profile)."""
+        # Bounded by socket timeouts, never by cancelling a call: redis-py can turn a task's
+        # cancellation into a connection error and leave the caller's task cancelled later (see
+        # RedisTier._run). Blocking reads get a client of their own with a longer timeout.
         self._redis: redis.asyncio.Redis = redis.asyncio.from_url(
             url,
-            socket_timeout=BLOCK_MS / 1000 + 5,
-            socket_connect_timeout=1.0,
+            socket_timeout=op_timeout_s,
+            socket_connect_timeout=op_timeout_s,
+            retry=Retry(NoBackoff(), 0),
             client_name="livevoice-channels",
+        )
+        self._reader: redis.asyncio.Redis = redis.asyncio.from_url(
+            url,
+            socket_timeout=BLOCK_MS / 1000 + 5,
+            socket_connect_timeout=op_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            client_name="livevoice-channel-reader",
         )
         self._scripts = {
             name: self._redis.register_script(lua)
@@ -424,20 +437,25 @@ class SharedChannels:
         if self._channels.get(channel.ident) is channel:
             del self._channels[channel.ident]
 
-    async def arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """One script, bounded: ``ChannelUnavailable`` when Redis does not answer."""
+    async def arun(
+        self, name: str, keys: list[str], args: list[Any], *, message_id: str | None = None
+    ) -> Any:
+        """One script, bounded: ``ChannelUnavailable`` (for ``message_id``) when Redis does
+        not answer."""
         try:
-            async with asyncio.timeout(self.op_timeout_s):
-                return await self._scripts[name](keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise ChannelUnavailable("the channel's store did not answer; retry") from exc
+            return await self._scripts[name](keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise ChannelUnavailable(
+                "the channel's store did not answer; retry", message_id=message_id
+            ) from exc
 
     async def aclose(self) -> None:
         for channel in list(self._channels.values()):
             await channel.astop()
         self._channels.clear()
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        for client in (self._redis, self._reader):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
 
 
 @dataclass(eq=False)
@@ -490,12 +508,11 @@ class SharedChannel:
         """Read the channel from its newest entries on, and stand for its lease."""
         r = self.hub._redis
         try:
-            async with asyncio.timeout(self.hub.op_timeout_s):
-                events: Any = await r.xrevrange(self.keys[5], count=1)
-                requests: Any = await r.xrevrange(self.keys[6], count=1)
-                rules: Any = await r.hget(self.keys[4], "filter")
-                paused = await r.hget(self.keys[4], "paused")
-        except (RedisError, OSError, TimeoutError) as exc:
+            events: Any = await r.xrevrange(self.keys[5], count=1)
+            requests: Any = await r.xrevrange(self.keys[6], count=1)
+            rules: Any = await r.hget(self.keys[4], "filter")
+            paused = await r.hget(self.keys[4], "paused")
+        except (RedisError, OSError) as exc:
             raise ChannelUnavailable("the channel's store did not answer; retry") from exc
         self._cursor = (events[0][0] if events else b"0-0", requests[0][0] if requests else b"0-0")
         self.paused = paused == b"1"
@@ -512,9 +529,8 @@ class SharedChannel:
             return None
         async with self._feeding:  # the reader waits: nothing is offered twice or skipped
             try:
-                async with asyncio.timeout(self.hub.op_timeout_s * 5):
-                    entries: Any = await self.hub._redis.xrange(self.keys[5])
-            except (RedisError, OSError, TimeoutError):
+                entries: Any = await self.hub._reader.xrange(self.keys[5])
+            except (RedisError, OSError):
                 entries = []
             resumed = self._replay(seat, entries, *resume)
             if entries:
@@ -622,6 +638,7 @@ class SharedChannel:
             "put",
             self.keys,
             self._args(stored.pack(), line.priority, int(line.interrupt), self.hub.max_queue),
+            message_id=line.id,
         )
         place, second = int(answer[0]), answer[1]
         if place < 0:
@@ -723,9 +740,8 @@ class SharedChannel:
         """The tenant deleted ``voice_id`` (R16, R6): lines waiting in it end ``cancelled``.
         Every server of the channel hears of the delete and tries: a drop is idempotent."""
         try:
-            async with asyncio.timeout(self.hub.op_timeout_s):
-                lines: Any = await self.hub._redis.hgetall(self.keys[1])
-        except (RedisError, OSError, TimeoutError):
+            lines: Any = await self.hub._redis.hgetall(self.keys[1])
+        except (RedisError, OSError):
             return
         for raw_key, raw in lines.items():
             key = raw_key.decode()
@@ -735,7 +751,7 @@ class SharedChannel:
 
     # --- the stream -----------------------------------------------------------------------------
     async def _aread_forever(self) -> None:
-        r = self.hub._redis
+        r = self.hub._reader
         events, requests = self.keys[5], self.keys[6]
         while True:
             try:

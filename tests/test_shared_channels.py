@@ -24,7 +24,7 @@ from live.encoder import EncoderWorker, SpeakerEncoder
 from live.shared_channels import SharedChannels
 from live.speech import PiperEngine
 from live.testing.redis_server import RedisServer
-from protocol.messages import AudioEnd, ChannelJoined
+from protocol.messages import AudioEnd, ChannelJoined, Error
 from tests.fakes import GatedEngine
 from tests.server import LiveServer, RawClient, free_port, live_server, raw_client, until_message
 from tests.test_channels import heard, is_type, join, producer
@@ -256,3 +256,31 @@ async def test_a_sigkilled_speaking_server_is_taken_over_and_nothing_accepted_is
         assert not second.replayed and not third.replayed
         print(f"takeover after SIGKILL: {takeover_s:.2f} s")  # the bench measures it too
         assert takeover_s < 15  # the lease is 2 s; this bounds a loaded CI machine, not speed
+
+
+async def test_while_redis_does_not_answer_a_channel_speak_is_refused_and_nothing_is_lost(
+    redis_server: RedisServer, encoder_worker: EncoderWorker
+) -> None:
+    """The queue lives in Redis: while it hangs (SIGSTOP), a speak is refused
+    ``channel_unavailable`` (retryable, nothing queued) and the session goes on; once Redis
+    answers again the same speak is queued and heard."""
+    engine = GatedEngine(auto=True)
+    async with (
+        live_server(embedder=encoder_worker, engine=engine, redis_url=redis_server.url) as srv,
+        raw_client(srv) as bot,
+        raw_client(srv) as overlay,
+    ):
+        await producer(bot)
+        await join(overlay, "listen")
+        redis_server.pause()
+        try:
+            await bot.asend({"type": "speak", "id": "m1", "text": "Hello there."})
+            refused = await until_message(bot, lambda m: getattr(m, "id", None) == "m1")
+        finally:
+            redis_server.resume()
+        assert isinstance(refused, Error) and refused.code == "channel_unavailable"
+        await bot.asend({"type": "speak", "id": "m1", "text": "Hello there."})
+        done = await until_message(bot, is_type(AudioEnd, "m1"), timeout=30)
+        assert isinstance(done, AudioEnd) and not done.cancelled
+        await hear_until(overlay, lambda: len(heard(overlay)) == 1, "the line")
+        assert engine.started == ["Hello there."]
