@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from live.encoder import EncoderWorker
+from live.encoder import EncoderWorker, SpeakerEncoder
 from live.speech import PiperEngine
+from live.testing.redis_server import RedisServer
 from protocol.messages import AudioEnd, AudioStart, ChannelJoined, ChannelState, Message
 from tests.clips import reference_clip, wav_bytes
 from tests.server import LiveServer, RawClient, live_server, raw_client, until_message
@@ -452,5 +453,62 @@ async def test_chat_page_speaks_into_a_channel_and_its_queue_controls_steer_it(
             state = await hooks(page)
             assert state["errors"] == [] and errors == []
             assert state["counters"]["framesReceived"] == 0  # a speaker: the audio went out
+        finally:
+            await browser.close()
+
+
+async def test_overlay_on_server_b_plays_what_a_bot_on_server_a_says_and_resumes_after_refresh(
+    redis_server: RedisServer, speaker_encoder: SpeakerEncoder, piper: PiperEngine
+) -> None:
+    """Across servers (one Redis): the OBS overlay on B plays the bot's line spoken on A. The
+    overlay is refreshed mid-line: it joins again from the last frame it played and the
+    channel's stream replays the rest of that line (resumed), then the next line."""
+    async_api = playwright_api()
+    executable = chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    url = redis_server.url
+    async with (
+        live_server(embedder=EncoderWorker(speaker_encoder), engine=piper, redis_url=url) as a,
+        live_server(embedder=EncoderWorker(speaker_encoder), engine=piper, redis_url=url) as b,
+        raw_client(a) as bot,
+        async_api.async_playwright() as pw,
+    ):
+        await channel_bot(bot)
+        browser = await pw.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 800, "height": 240})
+            await page.add_init_script(HEARD_LEVEL_SCRIPT)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"{b.url}/widget?mode=overlay&channel=main&volume=0.8")
+            await wait_for(page, OVERLAY_JOINED)
+            text = (
+                "Thanks for the raid, Dee! Welcome, everyone, to the stream. "
+                "Grab a snack, the next game starts in five minutes."
+            )
+            await bot.asend({"type": "speak", "id": "m1", "text": text, "user": "Dee"})
+            await hear_line(page, text, "Dee")
+            await page.screenshot(
+                path=str(ARTIFACTS / "widget-overlay-cross-server.png"), omit_background=True
+            )
+            await wait_for(
+                page,
+                "window.livevoice.channel.position && window.livevoice.channel.position.seq >= 10",
+            )
+            await page.reload()  # the OBS source refreshed mid-line
+            await wait_for(page, OVERLAY_JOINED)
+            state = await hooks(page)
+            assert state["channel"]["resumed"] is True
+            await hear_line(page, text, "Dee")
+            state = await hooks(page)
+            (track,) = state["tracks"].values()
+            assert track["resumedFrom"] > 10  # the rest of the line, not its start again
+            done = await until_message(bot, lambda m: isinstance(m, AudioEnd), timeout=120)
+            assert isinstance(done, AudioEnd) and done.id == "m1" and not done.cancelled
+            await wait_for(page, "window.livevoice.counters.messagesDone === 1")
+            state = await hooks(page)
+            (track,) = state["tracks"].values()
+            assert track["inOrder"] and track["underruns"] == 0 and track["played"] > 0
+            assert state["errors"] == [] and errors == []
         finally:
             await browser.close()
