@@ -483,6 +483,10 @@ class VtsBridge:
         self.vts_sessions = 0
         """VTube Studio sessions authenticated so far (more than one: it was reconnected)."""
         self.injections = 0
+        self.vts_unreachable = 0
+        """Connection attempts to VTube Studio that failed (it was not running)."""
+        self.listening = asyncio.Event()
+        """Set while joined to the channel: what is spoken from then on moves the mouth."""
 
     async def arun(self, stop: asyncio.Event) -> None:
         """Runs both sides until ``stop``; raises what makes going on pointless (a denied plugin,
@@ -513,7 +517,11 @@ class VtsBridge:
                     joined = await self._ajoin(client)
                     attempt = 0
                     self.progress.line(f"listening to channel {joined.channel}")
-                    await self._afollow(client)
+                    self.listening.set()
+                    try:
+                        await self._afollow(client)
+                    finally:
+                        self.listening.clear()
             except Unauthorized:
                 raise
             except (OSError, aiohttp.ClientError, TimeoutError, ClientClosed) as exc:
@@ -592,6 +600,7 @@ class VtsBridge:
                 except (OSError, aiohttp.ClientError, TimeoutError) as exc:
                     delay = self.backoff.delay(attempt)
                     attempt += 1
+                    self.vts_unreachable += 1
                     self.progress.line(
                         f"VTube Studio at {self.vts_url} not reachable "
                         f"({exc or type(exc).__name__}); trying again in {delay:.1f} s "
