@@ -15,6 +15,7 @@ Praat and parselmouth are GPL-3.0-or-later, like piper-tts (see the README).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import math
 import multiprocessing
@@ -371,6 +372,9 @@ def in_praat(work: Callable[..., T], *args: Any) -> T:
                 max_workers=max(1, len(os.sched_getaffinity(0))),
                 mp_context=multiprocessing.get_context("forkserver"),
             )
+            # Stopped before the interpreter tears its modules down (else its manager thread's
+            # weakref callback fails noisily at exit).
+            atexit.register(_POOL.shutdown, wait=True, cancel_futures=True)
         pool = _POOL
     return pool.submit(work, *args).result()
 
