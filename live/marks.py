@@ -10,7 +10,7 @@ it merges function words ("for the" is one phoneme word ``fɚðə``), expands nu
 five) and drops punctuation. So each text word is phonemized on its own (~0.1 ms a word) to
 learn how many *sounding* phonemes it has; the sentence's sounding phonemes are shared out
 among the text words in proportion to those counts (exactly when the counts agree, as for
-most chat), and each boundary moves to the nearest phoneme-word boundary within two phonemes.
+most chat), and each boundary moves to a phoneme-word boundary one phoneme away.
 A word's time runs from its first phoneme's start to its last phoneme's end. Every text word
 gets a mark, in order, never overlapping the next.
 
@@ -35,8 +35,9 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -134,6 +135,18 @@ class Marks:
 
     def __bool__(self) -> bool:
         return bool(self.words or self.visemes or (self.mouth and self.mouth.values))
+
+    def to_wire(self, kinds: Collection[str]) -> dict[str, Any]:
+        """The ``audio.marks`` fields of the ``kinds`` asked for; empty ones left out."""
+        out: dict[str, Any] = {}
+        if self.words and "words" in kinds:
+            out["words"] = [{"text": w.text, "start": w.start, "end": w.end} for w in self.words]
+        if self.visemes and "visemes" in kinds:
+            out["visemes"] = [{"v": v.v, "start": v.start, "end": v.end} for v in self.visemes]
+        if self.mouth is not None and self.mouth.values and "mouth" in kinds:
+            m = self.mouth
+            out["mouth"] = {"start": m.start, "rate": m.rate, "values": list(m.values)}
+        return out
 
     def rescaled(self, rate: int) -> Marks:
         """The same marks in samples at ``rate`` (each position by :func:`rescale`)."""
@@ -249,7 +262,7 @@ def share_words(word_sizes: Sequence[int], phonemes: Sequence[str]) -> list[tupl
     for size in sizes[:-1]:
         cumulative += size
         b = round(cumulative * n / total)
-        near = [s for s in word_starts if abs(s - b) <= 2]
+        near = [s for s in word_starts if abs(s - b) <= 1 and s > bounds[-1]]
         if near:
             b = min(near, key=lambda s: (abs(s - b), s))
         bounds.append(b)
