@@ -5,6 +5,8 @@ without alignments, over a real socket; the pure functions of ``live.marks`` dir
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -192,3 +194,57 @@ async def test_an_engine_without_alignments_gives_the_mouth_only(
     assert len(values) == -(-end.samples // (22050 // 50))
     assert max(values) > 0.5, "a 0.3-amplitude tone opens the mouth"
     assert plain_start.marks is None and plain_marks == [], "not asked, nothing changes"
+
+
+async def test_channel_listeners_get_the_same_marks_exact_at_their_own_rates(
+    encoder_worker: EncoderWorker, piper: PiperEngine
+) -> None:
+    """One synthesis, listeners at 22.05 (the engine's rate), 16, 24 and 48 kHz: a word at
+    rate R starts at round(start_22050 * R / 22050) ±1; a listener that did not ask gets no
+    marks."""
+    rates = (22050, 16000, 24000, 48000)
+    async with (
+        live_server(embedder=encoder_worker, engine=piper) as srv,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        bot = await stack.enter_async_context(raw_client(srv))
+        listeners = [await stack.enter_async_context(raw_client(srv)) for _ in rates]
+        plain = await stack.enter_async_context(raw_client(srv))
+        await bot.aregister(CLIP, match=False)
+        await bot.asend({"type": "channel.join", "channel": "main", "role": "speak"})
+        await bot.await_type("channel.joined")
+        for client, rate in zip(listeners, rates, strict=True):
+            await client.asend(
+                {
+                    "type": "channel.join",
+                    "channel": "main",
+                    "role": "listen",
+                    "sample_rate": rate,
+                    "marks": True,
+                }
+            )
+            await client.await_type("channel.joined")
+        await plain.asend({"type": "channel.join", "channel": "main", "role": "listen"})
+        await plain.await_type("channel.joined")
+        await bot.asend({"type": "speak", "id": "m1", "text": TEXT})
+        words: dict[int, list[dict[str, object]]] = {}
+        for client, rate in zip(listeners, rates, strict=True):
+            got: list[dict[str, object]] = []
+            while not isinstance(item := await client.anext(), AudioEnd):
+                if isinstance(item, AudioStart):
+                    assert item.marks == ["words", "visemes", "mouth"] and item.id == "m1"
+                if isinstance(item, AudioMarks):
+                    got.extend(item.words or [])
+            words[rate] = got
+        while not isinstance(item := await plain.anext(), AudioEnd):
+            assert not isinstance(item, AudioMarks)
+            if isinstance(item, AudioStart):
+                assert item.marks is None
+    reference = words[22050]
+    assert [w["text"] for w in reference] == text_words(TEXT)
+    for rate in rates[1:]:
+        assert [w["text"] for w in words[rate]] == [w["text"] for w in reference]
+        for w, ref in zip(words[rate], reference, strict=True):
+            for edge in ("start", "end"):
+                expected = round(int(ref[edge]) * rate / 22050)  # type: ignore[call-overload]
+                assert abs(int(w[edge]) - expected) <= 1, (rate, w, ref)  # type: ignore[call-overload]
