@@ -238,10 +238,11 @@ export const voiceUse = (voiceId, { id, match } = {}) => encode({ type: "voice.u
 export const voiceDelete = (voiceId, { id } = {}) => encode({ type: "voice.delete", voice_id: voiceId, id });
 export const speak = (id, text, { sampleRate, user, kind, priority, interrupt, expireS, voiceId } = {}) =>
   encode({ type: "speak", id, text, sample_rate: sampleRate, user, kind, priority, interrupt, expire_s: expireS, voice_id: voiceId });
-export const channelJoin = (channel, role, { sampleRate, id, resumeMessage, resumeSeq } = {}) =>
+export const channelJoin = (channel, role, { sampleRate, id, resumeMessage, resumeSeq, marks } = {}) =>
   encode({
     type: "channel.join", channel, role, sample_rate: sampleRate, id,
     resume_message: resumeMessage, resume_seq: resumeMessage == null ? undefined : resumeSeq,
+    marks,
   });
 export const channelPause = (id) => encode({ type: "channel.pause", id });
 export const channelResume = (id) => encode({ type: "channel.resume", id });

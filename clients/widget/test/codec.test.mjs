@@ -97,6 +97,13 @@ test("builders produce what the server decodes", () => {
     role: "listen",
     sample_rate: 16000,
   });
+  assert.deepEqual(JSON.parse(lv.channelJoin("main", "listen", { marks: true, id: "j1" })), {
+    type: "channel.join",
+    channel: "main",
+    role: "listen",
+    id: "j1",
+    marks: true,
+  });
   assert.deepEqual(JSON.parse(lv.channelSkip()), { type: "channel.skip" });
   assert.deepEqual(JSON.parse(lv.voiceUse("v_1")), { type: "voice.use", voice_id: "v_1" });
   assert.deepEqual(JSON.parse(lv.voiceDelete("v_1")), { type: "voice.delete", voice_id: "v_1" });
