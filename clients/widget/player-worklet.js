@@ -10,10 +10,10 @@
 // stream's sample rate, so no resampling happens here.
 //
 // Reports posted back: {type:"started", track, frame}, {type:"underrun", track, frame},
-// {type:"played", track, played} about every 50 ms while a track plays (its samples played so
-// far: where a channel listener resumes from), {type:"finished", track, played, frame, skipped},
-// where `frame` counts output samples since the processor started (a message that starts on the
-// frame the previous one finished is gapless).
+// {type:"played", track, played, frame} about every 50 ms while a track plays (its samples played
+// so far: where a channel listener resumes from, and what captions follow),
+// {type:"finished", track, played, frame, skipped}, where `frame` counts output samples since the
+// processor started (a message that starts on the frame the previous one finished is gapless).
 
 class LivevoicePlayer extends AudioWorkletProcessor {
   constructor(options) {
@@ -74,7 +74,9 @@ class LivevoicePlayer extends AudioWorkletProcessor {
     const st = track === undefined ? null : this.tracks.get(track);
     if (st && st.started && this.sinceReport >= this.reportEvery) {
       this.sinceReport = 0;
-      this.port.postMessage({ type: "played", track, played: st.played });
+      // `frame`: the output sample count at the end of this block, where `played` was reached
+      // (a caption on the main thread extrapolates the position from it with the audio clock).
+      this.port.postMessage({ type: "played", track, played: st.played, frame: this.frame + n });
     }
   }
 

@@ -1,14 +1,26 @@
-// The livevoice widget: an OBS browser source (mode=overlay) and a chat TTS page (mode=chat).
+// The livevoice widget: an OBS browser source (mode=overlay), word captions for one
+// (mode=captions) and a chat TTS page (mode=chat).
 //
 // Configured by the page's query string:
 //   server   WebSocket URL (default: this host's /ws)      token   bearer token
 //   voice    voice id to pin with voice.use                volume  0..1 (default 1)
 //   mode     overlay (transparent, queue + skip + volume) | chat (adds a text box and a clip picker)
+//            | captions (with channel: only the line spoken now, its spoken word highlighted)
 //   buffer   jitter buffer in ms before each message starts (default 80)
 //   channel  a channel of this tenant to join (SPEC.md "Channels"): the overlay joins it to listen
 //            (plays every message and shows its line: the OBS source beside a chat bot); chat
 //            joins it to speak, with the channel's queue controls (pause/resume, skip, clear)
 //   listen   with mode=chat and channel: 1 joins as "both", to hear the channel here as well
+//   mute     1: play nothing (volume 0): captions beside another source that plays the channel
+//   font, size, color, highlight, bg
+//            the line's look in captions and overlay: a CSS font family, a size (64 = 64px, or a
+//            CSS length), colours as CSS colours or bare hex (ffd84d), bg behind the line
+//
+// Captions: a listener joins with marks (SPEC.md "Marks") and gets each message's word marks in
+// samples of its stream before the frames they describe. The word highlighted is the last one
+// whose start the PLAYBACK has reached: the worklet's played position (reported with the audio
+// frame it was reached at) carried forward by the audio clock each animation frame, less the
+// output latency, so the highlight follows what is heard, not what arrived.
 //
 // A listener (overlay, or chat with listen=1) keeps the last channel message and frame it PLAYED
 // (the worklet's playback position, not what arrived) in sessionStorage, keyed by server and
@@ -31,15 +43,16 @@ const config = {
   server: params.get("server") || `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`,
   token: params.get("token") || undefined,
   voice: params.get("voice") || null,
-  volume: numberParam("volume", 1, 0, 1),
-  mode: params.get("mode") === "chat" ? "chat" : "overlay",
+  volume: params.get("mute") === "1" ? 0 : numberParam("volume", 1, 0, 1),
+  mute: params.get("mute") === "1",
+  mode: ["chat", "captions"].includes(params.get("mode")) ? params.get("mode") : "overlay",
   bufferMs: numberParam("buffer", 80, 0, 2000),
   channel: params.get("channel") || null,
   listen: params.get("listen") === "1",
 };
-// An overlay only listens: it is the OBS source, and a listener may not steer the queue (the
-// server answers not_a_speaker). A chat page speaks; with listen=1 it hears the channel too.
-const channelRole = !config.channel ? null : config.mode === "overlay" ? "listen" : config.listen ? "both" : "speak";
+// An overlay (or captions) only listens: it is the OBS source, and a listener may not steer the
+// queue (the server answers not_a_speaker). A chat page speaks; with listen=1 it hears the channel.
+const channelRole = !config.channel ? null : config.mode !== "chat" ? "listen" : config.listen ? "both" : "speak";
 const isSpeaker = channelRole === "speak" || channelRole === "both";
 const CLIENT_NAME = "livevoice-widget/0.1";
 const TERMINAL = new Set(["done", "cancelled", "failed"]);
@@ -64,7 +77,13 @@ const hooks = {
     reconnects: 0,
     clipReuploads: 0,
     messagesHeard: 0, // channel messages that started here as a listener
+    marksReceived: 0, // audio.marks messages for a stream heard here
   },
+  // Word highlighting (captions and the overlay's line): `word` is the highlighted word of the
+  // current line ({message, index, text}); `log` the last highlights, each with `frame` (the
+  // audio clock, in output samples, when it was drawn), `due` (the output sample its start
+  // played at) and `offsetMs` = (frame - due) in ms: how late the caption is to the audio.
+  captions: { word: null, log: [], outputLatencyMs: null },
   // The channel joined (config.channel), as the server last said: its queue length and pause come
   // from channel.state; `current` is the channel message this page is playing now.
   // `position` is the last {message, seq} played here (message-sequence number of the frame;
@@ -189,11 +208,16 @@ function onPlayer(msg) {
   if (!s) return;
   const m = hooks.messages[s.id];
   if (msg.type === "started" || msg.type === "played" || msg.type === "finished") notePlayed(s, msg.played ?? 0);
+  if (msg.type === "started") s.clock = { played: 0, frame: msg.frame };
+  else if (msg.type === "played" && msg.frame != null) s.clock = { played: msg.played, frame: msg.frame };
   if (msg.type === "played") return; // every 50 ms: nothing to draw
   if (msg.type === "started") {
     s.startFrame = msg.frame;
     if (m && !TERMINAL.has(m.state)) m.state = "playing";
-    if (m && m.heard && hooks.channel) hooks.channel.current = m;
+    if (m && m.heard && hooks.channel) {
+      hooks.channel.current = m;
+      followCaptions();
+    }
   } else if (msg.type === "underrun") {
     s.underruns += 1;
     hooks.counters.underruns += 1;
@@ -347,6 +371,7 @@ async function onReady(msg) {
         id: `join${hooks.channel.joins + 1}`,
         resumeMessage: p ? p.message : undefined,
         resumeSeq: p ? p.seq : undefined,
+        marks: listens || undefined, // word marks for the line's highlighting
       }),
     );
   }
@@ -411,6 +436,9 @@ function onControl(msg) {
       if (m.track != null) player.port.postMessage({ type: "end", track: m.track });
       else if (hooks.channel) finish(m, msg.cancelled ? "cancelled" : "done"); // its completion: the audio went to the listeners
       break;
+    case "audio.marks":
+      onMarks(msg);
+      break;
     case "channel.joined":
       hooks.channel.joined = true;
       hooks.channel.joins += 1;
@@ -460,6 +488,7 @@ function startTrack(m, msg) {
     // each frame ends in the samples handed to the worklet (what `played` is counted in).
     message: msg.channel != null ? msg.message ?? null : null, resumedFrom: msg.resumed_from ?? 0,
     frameEnds: [], queued: 0, playedFrames: 0,
+    clock: null, // {played, frame}: the worklet's last report of where it is (for captions)
   };
   player.port.postMessage({ type: "start", track: m.track });
 }
@@ -472,6 +501,8 @@ function onHeardStart(msg) {
     kind: msg.kind ?? null, voice: msg.voice ?? null, channel: msg.channel, heard: true,
     state: "streaming", position: null, stream: null, track: null, end: null, skipped: false,
     serverCancelled: false, error: null,
+    words: [], // word marks so far, in output samples: {text, start, end, at} (`at`: in text)
+    marks: msg.marks ?? null,
   };
   hooks.messages[m.id] = m;
   hooks.counters.messagesHeard += 1;
@@ -489,6 +520,27 @@ function onHeardEnd(msg) {
     player.port.postMessage({ type: "skip", track: m.track });
   }
   player.port.postMessage({ type: "end", track: m.track });
+}
+
+/** Word marks for a stream heard here: kept in output samples (the context's rate, which is the
+ * stream's unless the browser refused it), each tied to where it is in the line's text. */
+function onMarks(msg) {
+  const s = hooks.tracks[sessionTracks.get(msg.stream)];
+  const m = s && hooks.messages[s.id];
+  if (!m || !m.heard) return;
+  hooks.counters.marksReceived += 1;
+  if (!msg.words || !msg.words.length) return;
+  const scale = ctx.sampleRate / (m.sampleRate || ctx.sampleRate);
+  const last = m.words.findLast((w) => w.at >= 0);
+  let cursor = last ? last.at + last.text.length : 0;
+  for (const w of msg.words) {
+    // A mark's text is a word of the line as spoken, in order: found from where the last ended.
+    let at = m.text.indexOf(w.text, cursor);
+    if (at < 0) at = m.text.toLowerCase().indexOf(String(w.text).toLowerCase(), cursor);
+    if (at >= 0) cursor = at + w.text.length;
+    m.words.push({ text: w.text, start: Math.round(w.start * scale), end: Math.round(w.end * scale), at });
+  }
+  followCaptions();
 }
 
 function onAudio(frame) {
@@ -511,6 +563,86 @@ function onAudio(frame) {
   s.queued += samples.length;
   if (s.message != null) s.frameEnds.push(s.queued);
   player.port.postMessage({ type: "pcm", track, samples }, [samples.buffer]);
+}
+
+// --- captions: the spoken word of the current line, in time with playback --------------------
+let captionsFrame = 0;
+let drawn = { key: null, spans: [] }; // the line's text as drawn: one span per marked word
+
+function followCaptions() {
+  if (!captionsFrame) captionsFrame = requestAnimationFrame(tickCaptions);
+}
+
+/** Each animation frame while a line plays: where playback is now, and its word. */
+function tickCaptions() {
+  captionsFrame = 0;
+  const m = hooks.channel && hooks.channel.current;
+  const s = m && hooks.tracks[m.track];
+  if (!m || !s) {
+    highlight(null, -1);
+    return;
+  }
+  if (s.clock && m.words.length && ctx) {
+    const rate = ctx.sampleRate;
+    const now = ctx.currentTime * rate; // output samples rendered so far
+    // What leaves the speakers lags what the graph rendered by the output path's latency.
+    const latency = ((ctx.baseLatency || 0) + (ctx.outputLatency || 0)) * rate;
+    hooks.captions.outputLatencyMs = (latency / rate) * 1000;
+    const rendered = Math.min(s.clock.played + (now - s.clock.frame), s.queued);
+    const heard = rendered - latency;
+    let k = m.wordIndex ?? -1;
+    while (k + 1 < m.words.length && m.words[k + 1].start <= heard) k += 1;
+    if (k !== (m.wordIndex ?? -1)) {
+      m.wordIndex = k;
+      const w = m.words[k];
+      const due = s.clock.frame + (w.start - s.clock.played); // the output sample its start played at
+      const log = hooks.captions.log;
+      log.push({ message: m.id, index: k, text: w.text, frame: now, due, offsetMs: ((now - due) / rate) * 1000 });
+      if (log.length > 400) log.splice(0, log.length - 400);
+      hooks.captions.word = { message: m.id, index: k, text: w.text };
+    }
+  }
+  drawLine(m);
+  followCaptions();
+}
+
+/** The line's text with its marked words in spans (rebuilt only when marks arrive). */
+function drawLine(line) {
+  const key = line ? `${line.id}:${line.words.length}` : null;
+  if (key !== drawn.key) {
+    drawn = { key, spans: [] };
+    const nodes = [];
+    if (line) {
+      let cursor = 0;
+      line.words.forEach((w, i) => {
+        if (w.at < cursor) return; // not found in the text: nothing to light
+        nodes.push(document.createTextNode(line.text.slice(cursor, w.at)));
+        const span = document.createElement("span");
+        span.className = "w";
+        span.textContent = line.text.slice(w.at, w.at + w.text.length);
+        drawn.spans[i] = span;
+        nodes.push(span);
+        cursor = w.at + w.text.length;
+      });
+      nodes.push(document.createTextNode(line.text.slice(cursor)));
+    }
+    ui.lineText.replaceChildren(...nodes);
+    drawn.lit = null;
+  }
+  highlight(line, line ? line.wordIndex ?? -1 : -1);
+}
+
+function highlight(line, index) {
+  if (!line) hooks.captions.word = null;
+  const span = line && index >= 0 ? drawn.spans[index] : null;
+  if (drawn.lit === span) return;
+  if (drawn.lit) drawn.lit.classList.remove("now");
+  if (span) {
+    span.classList.add("now");
+    // Captions show three lines of a long message: the ones with the word being spoken.
+    if (config.mode === "captions") span.scrollIntoView({ block: "nearest" });
+  }
+  drawn.lit = span;
 }
 
 function finish(m, state, error) {
@@ -674,7 +806,7 @@ function render() {
     const line = ch.current;
     ui.line.hidden = !line; // an overlay shows nothing between messages
     ui.lineUser.textContent = line && line.user ? line.user : "";
-    ui.lineText.textContent = line ? line.text : "";
+    drawLine(line);
     if (line && line.kind) ui.line.dataset.kind = line.kind;
     else delete ui.line.dataset.kind;
     ui.app.dataset.paused = String(ch.paused);
@@ -701,8 +833,26 @@ function render() {
   }
 }
 
+/** The line's look from the URL, as CSS variables (the stylesheet has each mode's defaults). */
+function applyStyle() {
+  const root = document.documentElement.style;
+  const colour = (v) => (/^[0-9a-f]{3,8}$/i.test(v) ? `#${v}` : v);
+  const set = (param, variable, property, value = (v) => v) => {
+    const raw = params.get(param);
+    if (!raw) return;
+    const v = value(raw.trim());
+    if (CSS.supports(property, v)) root.setProperty(variable, v);
+  };
+  set("font", "--line-font", "font-family", (v) => `${v}, system-ui, sans-serif`);
+  set("size", "--line-size", "font-size", (v) => (/^\d+(\.\d+)?$/.test(v) ? `${Math.min(400, Number(v))}px` : v));
+  set("color", "--line-color", "color", colour);
+  set("highlight", "--line-highlight", "color", colour);
+  set("bg", "--line-bg", "background-color", colour);
+}
+
 function init() {
   ui.app.className = config.mode;
+  applyStyle();
   document.documentElement.classList.add(config.mode);
   if (channelRole) document.documentElement.classList.add(`channel-${channelRole}`);
   ui.channelControls.hidden = !isSpeaker;
@@ -732,7 +882,7 @@ function init() {
     const file = ui.clip.files && ui.clip.files[0];
     if (file) register(file).catch((exc) => report(exc.code || "client_error", exc.message));
   });
-  if ("BroadcastChannel" in window && config.mode === "overlay" && !config.channel) {
+  if ("BroadcastChannel" in window && config.mode !== "chat" && !config.channel) {
     new BroadcastChannel("livevoice").onmessage = (event) => {
       const d = event.data || {};
       if (d.type === "speak" && typeof d.text === "string") speak(d.text);
