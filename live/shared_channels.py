@@ -55,6 +55,7 @@ from protocol.state import word_filter
 from protocol.wordfilter import WordFilter
 
 from .channels import LISTENER_BUFFER_S, ChannelMessage, Fanout, Line, Seat
+from .loudness import MessageLoudness
 from .pcm import AudioCap, PcmFramer, to_s16le
 from .speech import SpeechEngine, anext_chunk, speak_in
 from .values import ResolvedVoice
@@ -289,6 +290,13 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
 
 def _str(fields: dict[bytes, bytes], name: str) -> str:
     return fields.get(name.encode(), b"").decode()
+
+
+def _lufs(fields: dict[bytes, bytes]) -> float | None:
+    """An end's ``loudness_lufs``: empty when nothing audible was sent (or an older server
+    wrote it)."""
+    raw = _str(fields, "loudness_lufs")
+    return float(raw) if raw else None
 
 
 @dataclass
@@ -581,6 +589,7 @@ class SharedChannel:
                     ttfa_ms=float(_str(fields, "ttfa_ms") or 0),
                     cancelled=cancelled,
                     truncated=fields.get(b"truncated") == b"1",
+                    loudness_lufs=_lufs(fields),
                 )
         for k, framer in framers.items():  # still being spoken: heard live from here
             fanout = self._fanouts.get(k)
@@ -823,6 +832,7 @@ class SharedChannel:
                     cancelled=fields.get(b"cancelled") == b"1",
                     truncated=fields.get(b"truncated") == b"1",
                     at=_stream_id(entry_id),
+                    loudness_lufs=_lufs(fields),
                 )
             self._answer(entry_id, fields)
         elif kind == b"drop":
@@ -860,6 +870,7 @@ class SharedChannel:
                 duration_ms=float(_str(fields, "duration_ms") or 0),
                 ttfa_ms=float(_str(fields, "ttfa_ms") or 0),
                 truncated=fields.get(b"truncated") == b"1",
+                loudness_lufs=_lufs(fields),
             )
             return
         code, text = _str(fields, "code"), _str(fields, "message")
@@ -996,6 +1007,7 @@ class SharedChannel:
             return  # the lease went meanwhile: the new speaker speaks it
         cap = AudioCap(self.hub.max_message_audio_s, engine.sample_rate)
         spoken, ttfa, piece = 0, None, int(PIECE_S * engine.sample_rate)
+        loudness = MessageLoudness(engine.sample_rate)
         chunks = speak_in(engine, line.text, voice)
         try:
             while not speaking.stop.is_set():
@@ -1004,6 +1016,7 @@ class SharedChannel:
                     break
                 chunk = cap.take(chunk)
                 spoken += len(chunk)
+                loudness.feed(chunk)
                 for at in range(0, len(chunk), piece):
                     pcm = to_s16le(chunk[at : at + piece])
                     await self.hub._redis.xadd(
@@ -1031,6 +1044,7 @@ class SharedChannel:
             "truncated", int(cap.reached),
             "ttfa_ms", round((ttfa or 0.0) * 1000, 3),
             "duration_ms", round(spoken * 1000 / engine.sample_rate, 3),
+            "loudness_lufs", "" if (lufs := await loudness.alufs()) is None else lufs,
         )  # fmt: skip
 
     async def _avoice(self, stored: _Stored, speaking: _Speaking) -> ResolvedVoice | None:

@@ -155,6 +155,7 @@ class PiperEngine:
         workers: int = 2,
         use_cuda: bool = False,
         max_phonemes: int = MAX_PHONEMES,
+        peak_normalize: bool = True,
     ) -> None:
         import onnxruntime
         from piper import PiperVoice
@@ -181,6 +182,12 @@ class PiperEngine:
         self._voice = PiperVoice(session=session, config=config)
         self.sample_rate = int(config.sample_rate)
         self.max_phonemes = max_phonemes
+        self.peak_normalize = peak_normalize
+        """Scale each inference to a peak of 1.0, as Piper's own ``synthesize`` does. Off
+        under a loudness target (``live.loudness``): the model's own level varies ~1 LU from
+        sentence to sentence, its peak-normalised output ~4.5 LU (measured on chat lines)."""
+        if not peak_normalize:
+            self.name = "piper-unnormalized"  # another level: rendered lines are not shared
         self._session = session
         self._keep_arena = onnxruntime.RunOptions()
         self._shrink_arena = onnxruntime.RunOptions()
@@ -247,6 +254,8 @@ class PiperEngine:
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         if peak < 1e-8:
             return np.zeros_like(audio)
+        if not self.peak_normalize:
+            return np.clip(audio, -1.0, 1.0)
         normalized: np.ndarray = np.clip(audio / peak, -1.0, 1.0)
         return normalized
 
