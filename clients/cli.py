@@ -5,7 +5,8 @@ and/or the id of a voice registered before (``--voice-id``, tried first; the cli
 fallback). Exit codes: 0 when everything was spoken, 1 when the server refused something or could
 not be reached (the error's code and message go to stderr), 2 for a usage error. ``listen``
 plays a channel (or writes it to WAV) until interrupted or ``--messages`` have ended; it exits 1
-also when nothing here can play audio and no ``--out`` was given.
+also when nothing here can play audio and no ``--out`` was given. ``vts`` (clients/vts.py) moves a
+VTube Studio avatar's mouth with a channel's voice.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     listen.add_argument("-q", "--quiet", action="store_true", help="print no line per message")
     listen.set_defaults(func=_cmd_listen, prog=listen.prog)
+
+    from .vts import add_vts_command  # here: clients.vts builds on this module's pieces
+
+    add_vts_command(sub)
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:

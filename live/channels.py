@@ -37,8 +37,9 @@ from protocol.state import (
 from protocol.wordfilter import WordFilter
 
 from .loudness import MessageLoudness
+from .marks import Marks, MouthEnvelope
 from .pcm import AudioCap, PcmFramer
-from .speech import SpeechEngine, anext_chunk, speak_in
+from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_in, speak_marked_in
 from .values import ResolvedVoice
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,15 @@ class ChannelMessage:
 class _Start:
     line: Line
     resumed_from: int
+    marks: tuple[str, ...] = ()
+    """The mark kinds the message's audio carries (issue 13; for listeners that asked)."""
+
+
+@dataclass(eq=False)
+class _Marks:
+    key: str
+    marks: Marks
+    """At the engine's rate: each listener gets them at its own."""
 
 
 @dataclass(eq=False)
@@ -133,11 +143,12 @@ class Seat:
         self.max_buffer_s = LISTENER_BUFFER_S
         """Set by the channel joined."""
         self.sample_rate = membership.sample_rate or 0
-        self._feed: deque[_Start | _Pcm | _End] = deque()
+        self._feed: deque[_Start | _Marks | _Pcm | _End] = deque()
         self.buffered_s = 0.0
         """Seconds of audio offered to this listener and not yet handed to its socket."""
         self._streams: dict[str, ListenStream] = {}
         self._resumed_from: dict[str, int] = {}
+        self._kinds: dict[str, tuple[str, ...]] = {}
         self.position: tuple[str, int] | None = None
         """The last message key and message-sequence number handed to this listener's socket
         (R18): where a listener resuming on another server would start."""
@@ -198,8 +209,15 @@ class Seat:
             self._kick()
 
     # --- listener side ------------------------------------------------------------------------
-    def offer_start(self, line: Line, *, resumed_from: int = 0) -> None:
-        self._offer(_Start(line, resumed_from))
+    def offer_start(
+        self, line: Line, *, resumed_from: int = 0, marks: tuple[str, ...] = ()
+    ) -> None:
+        self._offer(_Start(line, resumed_from, marks))
+
+    def offer_marks(self, key: str, marks: Marks) -> None:
+        """Marks of the frames offered next (R19): only for a listener that asked for them."""
+        if self.membership.marks:
+            self._offer(_Marks(key, marks))
 
     def offer_pcm(self, key: str, pcm: bytes) -> bool:
         """Queue one frame; False (nothing queued) when it would overfill the buffer."""
@@ -229,7 +247,7 @@ class Seat:
         self.close()
         self._on_cut_loose()
 
-    def _offer(self, item: _Start | _Pcm | _End) -> None:
+    def _offer(self, item: _Start | _Marks | _Pcm | _End) -> None:
         if not self.closed:
             self._feed.append(item)
             self._ready.set()
@@ -251,11 +269,18 @@ class Seat:
                     message=line.key or None,
                     replayed=line.replayed,
                     resumed_from=item.resumed_from,
+                    marks=item.marks,
                 )
                 if heard is not None:
                     self._streams[line.key] = heard
+                    self._kinds[line.key] = item.marks
                     self._resumed_from[line.key] = item.resumed_from
                     self.position = (line.key, item.resumed_from - 1)
+            elif isinstance(item, _Marks):
+                if (heard := self._streams.get(item.key)) is not None:
+                    wire = item.marks.rescaled(heard.sample_rate).to_wire(self._kinds[item.key])
+                    self.protocol.listen_marks(heard, wire)
+                continue  # sent with the frame behind it
             elif isinstance(item, _Pcm):
                 self.buffered_s = max(0.0, self.buffered_s - item.seconds)
                 if (heard := self._streams.get(item.key)) is not None:
@@ -263,6 +288,7 @@ class Seat:
                     self.position = (item.key, self._resumed_from[item.key] + heard.frames - 1)
             elif (heard := self._streams.pop(item.key, None)) is not None:
                 self._resumed_from.pop(item.key, None)
+                self._kinds.pop(item.key, None)
                 self.protocol.listen_end(
                     heard,
                     ttfa_ms=item.ttfa_ms,
@@ -286,6 +312,7 @@ class Fanout:
         engine_rate: int,
         frame_ms: int,
         cut_loose: Callable[[Seat], None],
+        marks: tuple[str, ...] = (),
     ) -> None:
         self.line = line
         self.listeners = listeners
@@ -299,7 +326,12 @@ class Fanout:
         """Listeners that resumed mid-way (R18): each frames the message itself, from the
         stream entry after the last one replayed to it."""
         for seat in listeners:
-            seat.offer_start(line)
+            seat.offer_start(line, marks=marks)
+
+    def mark(self, marks: Marks) -> None:
+        """Offer the marks of the chunk fed next (engine rate), ahead of its frames (R19)."""
+        for seat in [*self.listeners, *self._own]:
+            seat.offer_marks(self.line.key, marks)
 
     def join_mid_way(self, seat: Seat, framer: PcmFramer, replayed_to: tuple[int, int]) -> None:
         """A resumed listener that was replayed the message up to stream entry
@@ -623,19 +655,28 @@ class LocalChannel:
             line.voice = None
         engine, hub = self.hub._engine, self.hub
         self.hub.engine_calls += 1
+        listeners = [s for s in self.seats if s.listens]
+        kinds: tuple[str, ...] = ()
+        if any(s.membership.marks for s in listeners):  # marks cost only when asked for
+            marked, kinds = speak_marked_in(engine, line.text, voice)
         fanout = Fanout(
             line,
-            [s for s in self.seats if s.listens],
+            listeners,
             engine_rate=engine.sample_rate,
             frame_ms=hub._frame_ms,
             cut_loose=self._cut_loose,
+            marks=kinds,
         )
         cap = AudioCap(hub._max_message_audio_s, engine.sample_rate)
         loudness = MessageLoudness(engine.sample_rate)
         spoken = 0
         started = time.perf_counter()
         ttfa: float | None = None
-        chunks = speak_in(engine, line.text, voice)
+        chunks = (
+            _marking(marked, fanout, MouthEnvelope(engine.sample_rate), engine.sample_rate)
+            if kinds
+            else speak_in(engine, line.text, voice)
+        )
         try:
             while (chunk := await self._next_chunk(chunks, message)) is not None:
                 chunk = cap.take(chunk)
@@ -681,3 +722,17 @@ class LocalChannel:
             return None
         chunk = await anext_chunk(chunks, self._stop)
         return None if message.cancelled else chunk
+
+
+async def _marking(
+    marked: AsyncGenerator[MarkedChunk, None], fanout: Fanout, mouth: MouthEnvelope, rate: int
+) -> AsyncGenerator[np.ndarray, None]:
+    """The engine's chunks, each one's marks offered to the fanout before its frames (R19)."""
+    try:
+        async for chunk in marked:
+            marks = Marks(rate, chunk.words, chunk.visemes, mouth.feed(chunk.pcm))
+            if marks:
+                fanout.mark(marks)
+            yield chunk.pcm
+    finally:
+        await marked.aclose()

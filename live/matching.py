@@ -15,9 +15,15 @@ Praat and parselmouth are GPL-3.0-or-later, like piper-tts (see the README).
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import math
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -312,30 +318,67 @@ class ChunkMatcher:
         return held
 
     def _reshape(self, x: np.ndarray) -> np.ndarray:
-        """PSOLA with a constant pitch ratio (the engine's intonation kept) and formants
-        moved by resampling, as Praat's "Change gender" does it."""
-        import parselmouth
-        from parselmouth.praat import call
+        """PSOLA on one block, in the Praat process pool (see :func:`in_praat`)."""
+        return in_praat(reshape_block, x, self.sample_rate, self.match)
 
-        rms_in = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-        if rms_in < 1e-6 or x.size < self.sample_rate // 20:
-            return x
-        sound = parselmouth.Sound(x.astype(np.float64), sampling_frequency=float(self.sample_rate))
-        pitch = sound.to_pitch(
-            time_step=0.01, pitch_floor=_PITCH_FLOOR_HZ, pitch_ceiling=_PITCH_CEILING_HZ
-        )
-        m = self.match
-        median = call(pitch, "Get quantile", 0.0, 0.0, 0.5, "Hertz")
-        new_median = median * m.pitch_ratio if math.isfinite(median) else 0.0
-        changed = call(
-            [sound, pitch], "Change gender", m.formant_ratio, new_median, m.range_ratio, 1.0
-        )
-        y = np.asarray(changed.values[0], dtype=np.float32)
-        if y.size != x.size:  # resampling may round the length by a sample
-            y = y[: x.size] if y.size > x.size else np.pad(y, (0, x.size - y.size))
-        rms_out = float(np.sqrt(np.mean(np.square(y, dtype=np.float64))))
-        gain = rms_in / rms_out if rms_out > 1e-9 else 1.0
-        peak = float(np.max(np.abs(y))) * gain
-        if peak > 0.99:
-            gain *= 0.99 / peak
-        return y * np.float32(gain)
+
+def reshape_block(x: np.ndarray, sample_rate: int, m: Match) -> np.ndarray:
+    """PSOLA with a constant pitch ratio (the engine's intonation kept) and formants
+    moved by resampling, as Praat's "Change gender" does it."""
+    import parselmouth
+    from parselmouth.praat import call
+
+    rms_in = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    if rms_in < 1e-6 or x.size < sample_rate // 20:
+        return x
+    sound = parselmouth.Sound(x.astype(np.float64), sampling_frequency=float(sample_rate))
+    pitch = sound.to_pitch(
+        time_step=0.01, pitch_floor=_PITCH_FLOOR_HZ, pitch_ceiling=_PITCH_CEILING_HZ
+    )
+    median = call(pitch, "Get quantile", 0.0, 0.0, 0.5, "Hertz")
+    new_median = median * m.pitch_ratio if math.isfinite(median) else 0.0
+    changed = call([sound, pitch], "Change gender", m.formant_ratio, new_median, m.range_ratio, 1.0)
+    y = np.asarray(changed.values[0], dtype=np.float32)
+    if y.size != x.size:  # resampling may round the length by a sample
+        y = y[: x.size] if y.size > x.size else np.pad(y, (0, x.size - y.size))
+    rms_out = float(np.sqrt(np.mean(np.square(y, dtype=np.float64))))
+    gain = rms_in / rms_out if rms_out > 1e-9 else 1.0
+    peak = float(np.max(np.abs(y))) * gain
+    if peak > 0.99:
+        gain *= 0.99 / peak
+    return y * np.float32(gain)
+
+
+# --- the Praat process pool ---------------------------------------------------------------------
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+T = TypeVar("T")
+
+
+def in_praat(work: Callable[..., T], *args: Any) -> T:
+    """Run ``work(*args)`` in the Praat worker processes and wait for it (from a worker thread:
+    the wait releases the GIL).
+
+    parselmouth holds the GIL for as long as Praat runs: in a thread, a 5 s clip's analysis
+    (~60 ms) or a chunk's PSOLA (~10 ms per audio second) stalled the event loop for that long
+    (a 1 ms sleep on the main thread took up to 45 ms). In processes of their own they stall
+    nothing. One worker per core, started by a forkserver (never ``fork`` from a threaded
+    server), on first use; they end with the process.
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ProcessPoolExecutor(
+                max_workers=max(1, len(os.sched_getaffinity(0))),
+                mp_context=multiprocessing.get_context("forkserver"),
+            )
+            # Stopped before the interpreter tears its modules down (else its manager thread's
+            # weakref callback fails noisily at exit).
+            atexit.register(_POOL.shutdown, wait=True, cancel_futures=True)
+        pool = _POOL
+    return pool.submit(work, *args).result()
+
+
+def analyse_apart(pcm: npt.ArrayLike, sample_rate: int = 16_000) -> VoiceProfile | None:
+    """:func:`analyse` in the Praat worker processes (the voice store's profiler)."""
+    return in_praat(analyse, np.asarray(pcm, dtype=np.float32), sample_rate)

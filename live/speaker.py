@@ -19,9 +19,10 @@ from protocol.errors import LivevoiceError, SynthesisFailed
 from protocol.state import ServerProtocol, SpeakJob
 
 from .loudness import MessageLoudness
+from .marks import Marks, MouthEnvelope
 from .pcm import AudioCap, PcmFramer
 from .pinned import PinnedVoice
-from .speech import SpeechEngine, anext_chunk, speak_in
+from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_in, speak_marked_in
 
 
 class Speaker:
@@ -77,7 +78,13 @@ class Speaker:
         voice = await self._voice.avoice_of(self._protocol, job)
         engine = self._engine
         rate = job.sample_rate or engine.sample_rate
-        if not self._protocol.start_audio(job, rate):
+        if job.marks:
+            marked, kinds = speak_marked_in(engine, job.text, voice)
+            chunks = _pcm_of(marked, kinds, engine.sample_rate, rate, job, self._protocol)
+        else:
+            kinds, chunks = (), speak_in(engine, job.text, voice)
+        if not self._protocol.start_audio(job, rate, marks=kinds):
+            await chunks.aclose()
             return  # cancelled while it waited for its voice
         await self._flush()
         framer = PcmFramer(engine.sample_rate, rate, self.frame_ms)
@@ -95,7 +102,6 @@ class Speaker:
                 ttfa = time.perf_counter() - started
             return True
 
-        chunks = speak_in(engine, job.text, voice)
         try:
             while (chunk := await self._anext_chunk(chunks, job)) is not None:
                 loudness.feed(chunk := cap.take(chunk))
@@ -126,3 +132,28 @@ class Speaker:
             return None
         chunk = await anext_chunk(chunks, self._stop)
         return None if job.cancelled else chunk
+
+
+async def _pcm_of(
+    marked: AsyncGenerator[MarkedChunk, None],
+    kinds: tuple[str, ...],
+    engine_rate: int,
+    rate: int,
+    job: SpeakJob,
+    protocol: ServerProtocol,
+) -> AsyncGenerator[np.ndarray, None]:
+    """A marked engine stream as bare chunks, each chunk's ``audio.marks`` (at the stream's
+    rate) handed to the protocol before the chunk goes to framing: so before its frames (R19).
+    The mouth is the chunk's own envelope (any engine)."""
+    mouth = MouthEnvelope(engine_rate)
+    try:
+        async for chunk in marked:
+            marks = Marks(engine_rate, chunk.words, chunk.visemes, mouth.feed(chunk.pcm))
+            if marks and not protocol.audio_marks(job, marks.rescaled(rate).to_wire(kinds)):
+                return
+            yield chunk.pcm
+        tail = Marks(engine_rate, mouth=mouth.feed(np.zeros(0, dtype=np.float32), last=True))
+        if tail:
+            protocol.audio_marks(job, tail.rescaled(rate).to_wire(kinds))
+    finally:
+        await marked.aclose()

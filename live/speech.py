@@ -11,11 +11,22 @@ import concurrent.futures
 import ctypes
 import logging
 from collections.abc import AsyncGenerator, Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
+from .marks import (
+    TimedPhoneme,
+    VisemeMark,
+    WordMark,
+    share_words,
+    text_words,
+    timed_phonemes,
+    viseme_marks,
+    word_sizes,
+)
 from .matching import JOE as JOE_PROFILE
 from .matching import OWN_VOICE_TEXT, ChunkMatcher, Match, VoiceProfile, analyse, plan
 from .text import segments
@@ -45,6 +56,21 @@ class SpeechEngine(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedChunk:
+    """A chunk with the words and visemes it begins, in samples of the engine's rate counted
+    from the message's first sample (``live.marks``). What an engine with phoneme alignments
+    yields from ``stream_marked``; an engine without one gives bare chunks (mouth only)."""
+
+    pcm: np.ndarray
+    words: tuple[WordMark, ...] = ()
+    visemes: tuple[VisemeMark, ...] = ()
+
+
+ALIGNED_MARKS = ("words", "visemes", "mouth")
+"""The mark kinds of an engine with ``stream_marked``; any other engine has ``mouth`` only."""
 
 
 MAX_PHONEMES = 192
@@ -98,9 +124,32 @@ def speak_in(
     return engine.stream(text, voice.embedding, profile=voice.profile)
 
 
-async def anext_chunk(
-    chunks: AsyncGenerator[np.ndarray, None], stop: asyncio.Event
-) -> np.ndarray | None:
+def speak_marked_in(
+    engine: SpeechEngine, text: str, voice: ResolvedVoice
+) -> tuple[AsyncGenerator[MarkedChunk, None], tuple[str, ...]]:
+    """``speak_in`` with marks, and the mark kinds they carry: an engine that has
+    ``stream_marked`` (phoneme alignments) gives words and visemes; any other its bare chunks,
+    for which the caller computes the mouth only."""
+    marked = getattr(engine, "stream_marked", None)
+    if marked is None or not getattr(engine, "aligned", False):
+        return _bare(speak_in(engine, text, voice)), ("mouth",)
+    if voice.profile is None:
+        return marked(text, voice.embedding), ALIGNED_MARKS
+    return marked(text, voice.embedding, profile=voice.profile), ALIGNED_MARKS
+
+
+async def _bare(chunks: AsyncGenerator[np.ndarray, None]) -> AsyncGenerator[MarkedChunk, None]:
+    try:
+        async for chunk in chunks:
+            yield MarkedChunk(chunk)
+    finally:
+        await chunks.aclose()
+
+
+_Chunk = TypeVar("_Chunk")
+
+
+async def anext_chunk(chunks: AsyncGenerator[_Chunk, None], stop: asyncio.Event) -> _Chunk | None:
     """An engine stream's next chunk, or None at its end or as soon as ``stop`` is set.
 
     Stopping interrupts the engine where it waits; work already handed to a model thread
@@ -173,9 +222,8 @@ class PiperEngine:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         providers = ["CUDAExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        session = onnxruntime.InferenceSession(
-            str(model_path), sess_options=options, providers=providers
-        )
+        model, self.aligned = _with_alignments(model_path)
+        session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
         import orjson
 
         config = PiperConfig.from_dict(orjson.loads(Path(config_path).read_bytes()))
@@ -236,8 +284,90 @@ class PiperEngine:
         if shrunk:
             _trim_heap()
 
+    def _marked_sentences(
+        self, text: str, match: Match | None = None
+    ) -> Generator[MarkedChunk, None, None]:
+        """``_sentences`` with each piece's words and visemes (``live.marks``).
+
+        Words are shared out per text segment, before its first inference (espeak only), so
+        a word is sent with the piece its first sound is in: before its audio.
+        """
+        shrunk = False
+        length = 1.0 if match is None else match.length_scale
+        matcher = None if match is None else ChunkMatcher(match, self.sample_rate)
+        at = 0  # engine samples of this message so far (matching keeps the length)
+        for segment in segments(text):
+            pieces = [
+                piece
+                for sentence in self._voice.phonemize(segment)
+                for piece in phoneme_pieces(sentence, self.max_phonemes)
+            ]
+            words = text_words(segment)
+            sizes = word_sizes(words, self._voice.phonemize)
+            flat: list[str] = []
+            where: list[tuple[int, int]] = []  # flat index -> (piece, index in its timed list)
+            for k, piece in enumerate(pieces):
+                flat.extend((*piece, " "))
+                where.extend((k, i + 1) for i in range(len(piece) + 1))  # +1: "^" first
+            spans = share_words(sizes, flat) if words else []
+            for k, piece in enumerate(pieces):
+                shrink = len(piece) > ARENA_KEEP_PHONEMES
+                shrunk |= shrink
+                ids = self._voice.phonemes_to_ids(piece)
+                audio, id_samples = self._run(ids, shrink=shrink, length=length)
+                timed = self._timed(piece, id_samples, at)
+                piece_words: list[WordMark] = []
+                if timed:
+                    end_of_piece = at + len(audio)
+                    for word, (first, last) in zip(words, spans, strict=True):
+                        fk, fi = where[first]
+                        if fk != k:
+                            continue
+                        lk, li = where[last]
+                        start = timed[fi].start
+                        end = timed[li].end if lk == k else end_of_piece
+                        piece_words.append(WordMark(word, start, max(end, start + 1)))
+                at += len(audio)
+                if matcher is not None:
+                    audio = matcher.feed(audio)
+                visemes = tuple(viseme_marks(timed)) if timed else ()
+                if audio.size or piece_words or visemes:
+                    yield MarkedChunk(audio, tuple(piece_words), visemes)
+        if matcher is not None and (tail := matcher.flush()).size:
+            yield MarkedChunk(tail)
+        if shrunk:
+            _trim_heap()
+
+    def _timed(
+        self, piece: Sequence[str], id_samples: np.ndarray | None, offset: int
+    ) -> list[TimedPhoneme]:
+        """``^``, the piece's phonemes and ``$`` with their samples, as piper's own alignment
+        code counts them: a phoneme's ids and the pad after it. Empty when the model has no
+        alignment output."""
+        if id_samples is None:
+            return []
+        id_map = self._voice.config.phoneme_id_map
+        pad = len(id_map.get("_", ()))
+        samples: list[int] = []
+        phonemes = ["^", *piece, "$"]
+        i = 0
+        for phoneme in phonemes:
+            n = len(id_map.get(phoneme, ())) + (pad if phoneme != "$" else 0)
+            if phoneme not in id_map:
+                n = 0  # piper drops a phoneme its voice has no id for
+            samples.append(int(id_samples[i : i + n].sum()))
+            i += n
+        return timed_phonemes(phonemes, samples, offset)
+
     def _infer(self, phoneme_ids: list[int], *, shrink: bool, length: float = 1.0) -> np.ndarray:
         """One onnxruntime run, as ``PiperVoice.synthesize`` does it, with our run options."""
+        return self._run(phoneme_ids, shrink=shrink, length=length)[0]
+
+    def _run(
+        self, phoneme_ids: list[int], *, shrink: bool, length: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The audio, and the samples of each phoneme id when the model was loaded with its
+        alignment output."""
         config = self._voice.config
         inputs = {
             "input": np.asarray([phoneme_ids], dtype=np.int64),
@@ -250,14 +380,22 @@ class PiperEngine:
         if config.num_speakers > 1:
             inputs["sid"] = np.asarray([config.default_speaker_id], dtype=np.int64)
         options = self._shrink_arena if shrink else self._keep_arena
-        audio = np.asarray(self._session.run(None, inputs, options)[0], dtype=np.float32).ravel()
+        outputs = self._session.run(None, inputs, options)
+        audio = np.asarray(outputs[0], dtype=np.float32).ravel()
+        id_samples = (
+            (np.asarray(outputs[1]).ravel() * config.hop_length).astype(np.int64)
+            if len(outputs) > 1
+            else None
+        )  # the model's durations are in frames of hop_length samples
+        if id_samples is not None and len(id_samples) != len(phoneme_ids):
+            id_samples = None
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         if peak < 1e-8:
-            return np.zeros_like(audio)
+            return np.zeros_like(audio), id_samples
         if not self.peak_normalize:
-            return np.clip(audio, -1.0, 1.0)
+            return np.clip(audio, -1.0, 1.0), id_samples
         normalized: np.ndarray = np.clip(audio / peak, -1.0, 1.0)
-        return normalized
+        return normalized, id_samples
 
     async def stream(
         self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
@@ -281,8 +419,51 @@ class PiperEngine:
             else:
                 sentences.close()
 
+    async def stream_marked(
+        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
+    ) -> AsyncGenerator[MarkedChunk, None]:
+        """:meth:`stream` with each chunk's words and visemes (when ``aligned``)."""
+        pieces = self._marked_sentences(text, None if profile is None else self.match(profile))
+        done = object()
+        running: concurrent.futures.Future[object] | None = None
+        try:
+            while True:
+                running = self._executor.submit(next, pieces, done)
+                piece = await asyncio.wrap_future(running)
+                if piece is done:
+                    return
+                assert isinstance(piece, MarkedChunk)
+                yield piece
+        finally:
+            if running is not None and not running.done():
+                running.add_done_callback(lambda _: pieces.close())
+            else:
+                pieces.close()
+
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _with_alignments(model_path: Path) -> tuple[str | bytes, bool]:
+    """The model with its per-phoneme-id sample counts (``w_ceil``) marked as a second output,
+    patched in memory as ``piper-tts[alignment]`` does (needs ``onnx``); unpatched, and False,
+    when ``onnx`` is missing or the graph has no single ``Ceil`` to expose. The extra output is
+    a tensor the model computes anyway."""
+    try:
+        import onnx
+        from piper.patch_voice_with_alignment import add_alignment_output
+    except ImportError:
+        log.warning("onnx is not installed: no word or viseme marks (pip install onnx)")
+        return str(model_path), False
+    model = onnx.load(str(model_path))
+    try:
+        add_alignment_output(model)
+    except ValueError as exc:
+        already = len(model.graph.output) > 1
+        if not already:
+            log.warning("this Piper voice gives no phoneme alignments: %s", exc)
+        return str(model_path), already
+    return model.SerializeToString(), True
 
 
 try:

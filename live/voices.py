@@ -27,7 +27,7 @@ from .audio import (
     canonicalize,
     upload_digest,
 )
-from .matching import analyse
+from .matching import analyse_apart
 from .metrics import Metrics
 from .redis_tier import Lookup, RedisTier
 from .values import (
@@ -198,7 +198,7 @@ class VoiceStore:
         metrics: Metrics | None = None,
         lock_wait_s: float = 3.0,
         max_encoder_jobs: int = 64,
-        profiler: Callable[[np.ndarray], VoiceProfile | None] | None = analyse,
+        profiler: Callable[[np.ndarray], VoiceProfile | None] | None = analyse_apart,
     ) -> None:
         self.embedder = embedder
         self.profiler = profiler

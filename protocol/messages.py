@@ -162,6 +162,8 @@ class Speak(Message):
     voice_id: str | None = None
     """Channel messages only: speak it in this voice of the tenant (a viewer's own voice)
     instead of the producer's pinned one."""
+    marks: bool | None = None
+    """True: this message's own stream carries ``audio.marks`` (words, visemes, mouth)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,18 @@ class ChannelJoin(Message):
     played; what followed is replayed from the channel's buffer of recent audio."""
     resume_seq: int | None = None
     """The sequence number, in that message, of the last frame it played (see ``resumed_from``)."""
+    marks: bool | None = None
+    """True: this listener's streams carry ``audio.marks``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Played(Message):
+    """A listener's playback position: samples of ``stream`` it has actually played. The
+    server passes the latest to the channel's other listeners (``channel.played``)."""
+
+    TYPE: ClassVar[str] = "played"
+    stream: int
+    samples: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +347,28 @@ class AudioStart(Message):
     resumed_from: int | None = None
     """The message's own sequence number of this stream's frame 0 (absent: 0): a listener
     that resumed mid-way hears the rest of it from there."""
+    marks: list[str] | None = None
+    """Present when the session asked for marks: the kinds of ``audio.marks`` this stream
+    carries (``words``, ``visemes``, ``mouth``; ``mouth`` alone for an engine without phoneme
+    alignments)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AudioMarks(Message):
+    """What is said when, for the audio frames after it: times in samples of ``stream`` at its
+    rate, start inclusive, end exclusive. Sent before the first frame it describes."""
+
+    TYPE: ClassVar[str] = "audio.marks"
+    id: str
+    stream: int
+    words: list[dict[str, Any]] | None = None
+    """``{"text", "start", "end"}`` per word, in order."""
+    visemes: list[dict[str, Any]] | None = None
+    """``{"v", "start", "end"}``: one of the 15 Oculus visemes (``sil PP FF TH DD kk CH SS nn
+    RR aa E ih oh ou``)."""
+    mouth: dict[str, Any] | None = None
+    """``{"start", "rate", "values"}``: mouth-open 0..1 at ``rate`` values a second, the first
+    for the window from sample ``start``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +430,17 @@ class ChannelFiltered(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelPlayed(Message):
+    """Another listener of the channel has played ``ms`` milliseconds of ``message`` (the
+    channel's key for it, as in ``audio.start``)."""
+
+    TYPE: ClassVar[str] = "channel.played"
+    channel: str
+    message: str
+    ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class Cancelled(Message):
     """A queued message dropped by ``cancel`` before any of its audio was sent."""
 
@@ -432,6 +479,7 @@ CLIENT_MESSAGES: dict[str, type[Message]] = {
         ChannelSkip,
         ChannelClear,
         ChannelFilter,
+        Played,
     )
 }
 SERVER_MESSAGES: dict[str, type[Message]] = {
@@ -449,5 +497,7 @@ SERVER_MESSAGES: dict[str, type[Message]] = {
         ChannelJoined,
         ChannelState,
         ChannelFiltered,
+        AudioMarks,
+        ChannelPlayed,
     )
 }

@@ -82,6 +82,16 @@ The rules, numbered so code and tests can name them:
   the message's sequence number of the stream's frame 0) and every message after it are
   replayed from the channel's buffer of recent audio before it hears the channel live. A
   message spoken again because the server speaking it died mid-way comes with ``replayed``.
+- **R19 marks.** A ``speak`` with ``marks: true`` (its own stream) or a ``channel.join`` with
+  ``marks: true`` (each stream the listener hears) asks for marks: that stream's
+  ``audio.start`` lists the kinds it carries in ``marks``, and ``audio.marks`` messages come
+  in-band, each before the first frame it describes. Nothing changes for a session that did not
+  ask.
+- **R20 played.** A listener (else ``unexpected_message``) may send ``played`` (one of its
+  last ``PLAYED_STREAMS`` streams of a channel message, samples played): the server passes it
+  on as ``channel.played`` (the channel's key of the message, milliseconds) to the channel's
+  other listeners, at most one per ``PLAYED_INTERVAL_S`` of each reporter; the rest are
+  dropped, unanswered.
 """
 
 from __future__ import annotations
@@ -118,6 +128,7 @@ from .errors import (
 from .messages import (
     PROTOCOL_VERSION,
     AudioEnd,
+    AudioMarks,
     AudioStart,
     Cancel,
     Cancelled,
@@ -127,6 +138,7 @@ from .messages import (
     ChannelJoin,
     ChannelJoined,
     ChannelPause,
+    ChannelPlayed,
     ChannelResume,
     ChannelSkip,
     ChannelState,
@@ -134,6 +146,7 @@ from .messages import (
     Hello,
     Message,
     Ping,
+    Played,
     Pong,
     Queued,
     Ready,
@@ -158,6 +171,10 @@ MAX_PRIORITY = 9
 """The highest lane of a channel speak (R15): paid events, raids; 0 is plain chat."""
 MAX_EXPIRE_S = 3600.0
 """The longest ``expire_s`` a channel speak may ask for (R15)."""
+PLAYED_INTERVAL_S = 0.1
+"""R20: at most one ``played`` per this many seconds of a reporter is relayed."""
+PLAYED_STREAMS = 8
+"""R20: a listener's most recent streams a ``played`` may name."""
 
 
 def channel_place(waiting: list[int], priority: int, *, interrupt: bool = False) -> int:
@@ -186,6 +203,7 @@ class Membership:
     channel: str
     role: str
     sample_rate: int | None = None
+    marks: bool = False
 
     @property
     def speaks(self) -> bool:
@@ -207,6 +225,8 @@ class ListenStream:
     frames: int = 0
     samples: int = 0
     ended: bool = False
+    message: str | None = None
+    marks: bool = False
 
 
 def _audio_end(
@@ -283,6 +303,8 @@ class SpeakJob:
     sample_rate: int | None
     voice: VoiceRequest
     """The voice request that was newest when the message was admitted (R3)."""
+    marks: bool = False
+    """R19: its own stream carries ``audio.marks``."""
     stream: int | None = None
     frames: int = 0
     samples: int = 0
@@ -333,6 +355,9 @@ class ServerProtocol:
         self._waiting: deque[SpeakJob] = deque()
         self.current: SpeakJob | None = None
         self._streams = 0
+        self._heard: dict[int, ListenStream] = {}
+        """R20: the listener's recent streams, by number, for ``played``."""
+        self._played_at = float("-inf")
         self._out: list[str | bytes] = []
         self._ended: list[tuple[SpeakJob, str]] = []
         self._errors: list[str] = []
@@ -442,6 +467,9 @@ class ServerProtocol:
                 raise NotASpeaker(
                     f"{message.TYPE} needs a channel joined to speak", message_id=message.id
                 )
+        elif isinstance(message, Played):
+            if self.membership is None or not self.membership.listens:  # R20
+                raise UnexpectedMessage("played is for a channel's listeners")
         elif isinstance(message, Cancel):
             self.cancel(message.id)
         elif isinstance(message, Ping):
@@ -617,7 +645,7 @@ class ServerProtocol:
             # receive_text checked it, but the server may have awaited its own checks since
             # (a rate limit in Redis) while a purge took the voice: the same answer, not a crash.
             raise NoVoice("the voice was deleted; register or use another", message_id=speak.id)
-        job = SpeakJob(speak.id, speak.text, speak.sample_rate, voice)
+        job = SpeakJob(speak.id, speak.text, speak.sample_rate, voice, marks=bool(speak.marks))
         if self.membership is not None:
             assert position is not None, "a channel speak is placed by its channel"
             self._channel_jobs[job.id] = job
@@ -658,7 +686,9 @@ class ServerProtocol:
     ) -> Membership:
         """The server seated the session in the channel ``receive_text`` checked: answer
         ``channel.joined`` (R12), saying whether the resume it asked for (R18) follows."""
-        self.membership = Membership(join.channel, join.role, join.sample_rate or sample_rate)
+        self.membership = Membership(
+            join.channel, join.role, join.sample_rate or sample_rate, marks=bool(join.marks)
+        )
         self._send(ChannelJoined(channel=join.channel, role=join.role, id=join.id, resumed=resumed))
         return self.membership
 
@@ -713,6 +743,7 @@ class ServerProtocol:
         message: str | None = None,
         replayed: bool = False,
         resumed_from: int = 0,
+        marks: tuple[str, ...] = (),
     ) -> ListenStream | None:
         """A channel message starts for this listener: its ``audio.start`` on the next stream
         (R14, R8). None when the session is not a listener."""
@@ -720,7 +751,17 @@ class ServerProtocol:
         if member is None or not member.listens or member.sample_rate is None:
             return None
         self._streams += 1
-        heard = ListenStream(id, member.channel, self._streams, member.sample_rate)
+        heard = ListenStream(
+            id,
+            member.channel,
+            self._streams,
+            member.sample_rate,
+            message=message,
+            marks=member.marks and bool(marks),
+        )
+        self._heard[heard.stream] = heard
+        while len(self._heard) > PLAYED_STREAMS:
+            del self._heard[next(iter(self._heard))]
         self._send(
             AudioStart(
                 id=id,
@@ -734,9 +775,35 @@ class ServerProtocol:
                 message=message,
                 replayed=replayed or None,
                 resumed_from=resumed_from or None,
+                marks=list(marks) if heard.marks else None,
             )
         )
         return heard
+
+    def listen_marks(self, heard: ListenStream, marks: dict[str, Any]) -> None:
+        """A listener's ``audio.marks`` (R19), before the frames they describe; nothing when it
+        did not ask for marks. ``marks``: ``words``, ``visemes``, ``mouth`` as on the wire."""
+        if heard.ended or not heard.marks:
+            return
+        self._send(AudioMarks(id=heard.id, stream=heard.stream, **marks))
+
+    def played(self, played: Played, now: float) -> tuple[str, float] | None:
+        """R20: a listener's ``played``, as the channel's key of that message and the
+        milliseconds of it played, to relay; None to drop it (not a stream this listener
+        heard recently, or within ``PLAYED_INTERVAL_S`` of the last one relayed)."""
+        heard = self._heard.get(played.stream)
+        if heard is None or heard.message is None or played.samples < 0:
+            return None
+        if now - self._played_at < PLAYED_INTERVAL_S:
+            return None
+        self._played_at = now
+        return heard.message, round(played.samples * 1000 / heard.sample_rate, 1)
+
+    def channel_played(self, message: str, ms: float) -> None:
+        """Another listener's position in a channel message (R20)."""
+        member = self.membership
+        if member is not None and member.listens:
+            self._send(ChannelPlayed(channel=member.channel, message=message, ms=ms))
 
     def listen_audio(self, heard: ListenStream, pcm: bytes) -> None:
         if heard.ended:
@@ -814,7 +881,7 @@ class ServerProtocol:
         self.current = self._waiting.popleft()
         return self.current
 
-    def start_audio(self, job: SpeakJob, sample_rate: int) -> bool:
+    def start_audio(self, job: SpeakJob, sample_rate: int, *, marks: tuple[str, ...] = ()) -> bool:
         """Announce the job's audio on the next stream (R8). False if it was cancelled before
         (it ends ``cancelled``, R9)."""
         if job.ended:
@@ -825,7 +892,17 @@ class ServerProtocol:
         self._streams += 1
         job.stream = self._streams
         job.sample_rate = sample_rate
-        self._send(AudioStart(id=job.id, stream=job.stream, sample_rate=sample_rate))
+        kinds = list(marks) if job.marks else None
+        self._send(AudioStart(id=job.id, stream=job.stream, sample_rate=sample_rate, marks=kinds))
+        return True
+
+    def audio_marks(self, job: SpeakJob, marks: dict[str, Any]) -> bool:
+        """The job's ``audio.marks`` (R19), before the frames they describe. False (nothing
+        sent) once it is cancelled; True without sending when it did not ask for marks."""
+        if job.cancelled or job.ended or job.stream is None:
+            return False
+        if job.marks:
+            self._send(AudioMarks(id=job.id, stream=job.stream, **marks))
         return True
 
     def audio(self, job: SpeakJob, pcm: bytes) -> bool:

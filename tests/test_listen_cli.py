@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from clients.client import HeardAudio, LivevoiceClient
 from protocol.client import ChannelHeardEnded
-from tests.clips import reference_wav
+from tests.channel_kit import LONG_TEXT, speaking_bot
 from tests.relay import relay
 from tests.server import LiveServer, live_server, until_true
 
@@ -25,10 +25,6 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(180)
 
 TIMEOUT = 60.0
 ROOT = Path(__file__).resolve().parent.parent
-LONG_TEXT = " ".join(
-    f"This is sentence number {n} of a long message that goes on for quite a while."
-    for n in range(1, 13)
-)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -39,9 +35,7 @@ async def server() -> AsyncIterator[LiveServer]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def bot(server: LiveServer) -> AsyncIterator[LivevoiceClient]:
-    async with LivevoiceClient(server.ws_url, timeout=TIMEOUT) as c:
-        await c.aregister(reference_wav())
-        await c.ajoin("main", "speak")
+    async with speaking_bot(server.ws_url, TIMEOUT) as c:
         yield c
 
 
