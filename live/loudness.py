@@ -36,7 +36,8 @@ import pyloudnorm
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 from scipy.signal import resample_poly
 
-from .speech import SpeechEngine
+from .marks import VisemeMark, WordMark
+from .speech import MarkedChunk, SpeechEngine, marked_stream_of, stream_of, unmarked
 from .values import Embedding, ResolvedVoice, VoiceProfile
 
 __all__ = [
@@ -281,7 +282,7 @@ class LoudnessEngine:
         self.measurements += 1
         chunks = []
         async with contextlib.aclosing(
-            self._inner_stream(self.reference_text, voice, profile)
+            stream_of(self.inner, self.reference_text, voice, profile)
         ) as s:
             async for chunk in s:
                 chunks.append(chunk)
@@ -309,27 +310,48 @@ class LoudnessEngine:
             gain = min(MAX_GAIN_DB, gain + self.target_lufs - after)
         return round(gain, 3)
 
+    @property
+    def aligned(self) -> bool:
+        """Whether lines come with word and viseme marks (the inner engine's alignments)."""
+        return bool(getattr(self.inner, "aligned", False))
+
     async def stream(
         self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
     ) -> AsyncGenerator[np.ndarray, None]:
+        async with contextlib.aclosing(self._levelled(text, voice, profile, False)) as chunks:
+            async for chunk in chunks:
+                yield chunk.pcm
+
+    async def stream_marked(
+        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
+    ) -> AsyncGenerator[MarkedChunk, None]:
+        """``stream`` with the inner engine's marks: the gain moves no sample, and what the
+        limiter holds back (~15 ms) leaves a chunk's marks just ahead of its audio."""
+        async with contextlib.aclosing(self._levelled(text, voice, profile, True)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _levelled(
+        self, text: str, voice: Embedding, profile: VoiceProfile | None, marked: bool
+    ) -> AsyncGenerator[MarkedChunk, None]:
         gain = await self.again_db(voice, profile)
         limiter = TruePeakLimiter(self.sample_rate, gain_db=gain, ceiling_dbtp=self.ceiling_dbtp)
-        async with contextlib.aclosing(self._inner_stream(text, voice, profile)) as chunks:
+        if marked:
+            inner, _ = marked_stream_of(self.inner, text, voice, profile)
+        else:
+            inner = unmarked(stream_of(self.inner, text, voice, profile))
+        words: tuple[WordMark, ...] = ()
+        visemes: tuple[VisemeMark, ...] = ()
+        async with contextlib.aclosing(inner) as chunks:
             async for chunk in chunks:
-                out = limiter.feed(chunk)
+                words, visemes = words + chunk.words, visemes + chunk.visemes
+                out = limiter.feed(chunk.pcm)
                 if out.size:
-                    yield out
+                    yield MarkedChunk(out, words, visemes)
+                    words, visemes = (), ()
         # Reached only when the inner stream ended (a cancelled message stops at a yield).
-        if (tail := limiter.flush()).size:
-            yield tail
-
-    def _inner_stream(
-        self, text: str, voice: Embedding, profile: VoiceProfile | None
-    ) -> AsyncGenerator[np.ndarray, None]:
-        """Only a matched voice passes a profile: engines from before matching take none."""
-        if profile is None:
-            return self.inner.stream(text, voice)
-        return self.inner.stream(text, voice, profile=profile)
+        if (tail := limiter.flush()).size or words or visemes:
+            yield MarkedChunk(tail, words, visemes)
 
     async def aclose(self) -> None:
         """Nothing of its own to close: ``inner`` is closed by its owner."""

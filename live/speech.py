@@ -117,28 +117,45 @@ def phoneme_pieces(phonemes: Sequence[str], limit: int = MAX_PHONEMES) -> list[l
 def speak_in(
     engine: SpeechEngine, text: str, voice: ResolvedVoice
 ) -> AsyncGenerator[np.ndarray, None]:
-    """``engine.stream`` for ``text`` in ``voice``: matched when the voice carries a profile;
-    without one no ``profile`` is passed, so engines from before matching work as they did."""
-    if voice.profile is None:
-        return engine.stream(text, voice.embedding)
-    return engine.stream(text, voice.embedding, profile=voice.profile)
+    """``engine.stream`` for ``text`` in ``voice`` (see :func:`stream_of`)."""
+    return stream_of(engine, text, voice.embedding, voice.profile)
+
+
+def stream_of(
+    engine: SpeechEngine, text: str, embedding: Embedding, profile: VoiceProfile | None
+) -> AsyncGenerator[np.ndarray, None]:
+    """``engine.stream``, matched when there is a profile; without one no ``profile`` is
+    passed, so engines from before matching work as they did."""
+    if profile is None:
+        return engine.stream(text, embedding)
+    return engine.stream(text, embedding, profile=profile)
 
 
 def speak_marked_in(
     engine: SpeechEngine, text: str, voice: ResolvedVoice
 ) -> tuple[AsyncGenerator[MarkedChunk, None], tuple[str, ...]]:
-    """``speak_in`` with marks, and the mark kinds they carry: an engine that has
+    """``speak_in`` with marks (see :func:`marked_stream_of`)."""
+    return marked_stream_of(engine, text, voice.embedding, voice.profile)
+
+
+def marked_stream_of(
+    engine: SpeechEngine, text: str, embedding: Embedding, profile: VoiceProfile | None
+) -> tuple[AsyncGenerator[MarkedChunk, None], tuple[str, ...]]:
+    """``stream_of`` with marks, and the mark kinds they carry: an engine that has
     ``stream_marked`` (phoneme alignments) gives words and visemes; any other its bare chunks,
     for which the caller computes the mouth only."""
     marked = getattr(engine, "stream_marked", None)
     if marked is None or not getattr(engine, "aligned", False):
-        return _bare(speak_in(engine, text, voice)), ("mouth",)
-    if voice.profile is None:
-        return marked(text, voice.embedding), ALIGNED_MARKS
-    return marked(text, voice.embedding, profile=voice.profile), ALIGNED_MARKS
+        return unmarked(stream_of(engine, text, embedding, profile)), ("mouth",)
+    if profile is None:
+        return marked(text, embedding), ALIGNED_MARKS
+    return marked(text, embedding, profile=profile), ALIGNED_MARKS
 
 
-async def _bare(chunks: AsyncGenerator[np.ndarray, None]) -> AsyncGenerator[MarkedChunk, None]:
+async def unmarked(
+    chunks: AsyncGenerator[np.ndarray, None],
+) -> AsyncGenerator[MarkedChunk, None]:
+    """Bare chunks as marked ones without marks."""
     try:
         async for chunk in chunks:
             yield MarkedChunk(chunk)
