@@ -113,10 +113,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     listen.add_argument("-q", "--quiet", action="store_true", help="print no line per message")
     listen.set_defaults(func=_cmd_listen, prog=listen.prog)
 
-    from .vts import add_vts_command  # here: clients.vts builds on this module's pieces
-
-    add_vts_command(sub)
-
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -47,8 +47,10 @@ from protocol.client import (
     ChannelJoinAnswered,
     ChannelStateChanged,
     Event,
+    HeardMarks,
     HelloRefused,
     PongReceived,
+    PositionHeard,
     SessionReady,
     SpeechAudio,
     SpeechEnded,
@@ -72,6 +74,7 @@ from protocol.errors import (
 )
 from protocol.messages import (
     AudioEnd,
+    AudioMarks,
     AudioStart,
     Cancel,
     ChannelClear,
@@ -83,6 +86,7 @@ from protocol.messages import (
     Hello,
     Message,
     Ping,
+    Played,
     Queued,
     Ready,
     Speak,
@@ -157,9 +161,18 @@ class HeardAudio(SpeechAudio):
     position: ListenPosition | None = None
 
 
-ChannelEvent = ChannelHeardStarted | HeardAudio | ChannelHeardEnded | ChannelStateChanged
+ChannelEvent = (
+    ChannelHeardStarted
+    | HeardMarks
+    | HeardAudio
+    | ChannelHeardEnded
+    | ChannelStateChanged
+    | PositionHeard
+)
 """What a channel listener hears (:attr:`LivevoiceClient.heard`). A started message's
-``start`` carries ``message``, ``replayed`` and ``resumed_from``."""
+``start`` carries ``message``, ``replayed``, ``resumed_from`` and ``marks``; a listener that
+joined with ``marks=True`` gets each stream's ``audio.marks`` (:class:`HeardMarks`) before the
+frames they describe; :class:`PositionHeard` is another listener's playback position."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +200,8 @@ class Utterance:
         self.queued: Queued | None = None
         self.start: AudioStart | None = None
         self.end: AudioEnd | None = None
+        self.marks: list[AudioMarks] = []
+        """``audio.marks`` of a speak sent with ``marks=True``, in order (R19)."""
         self._chunks: list[bytes] = []
         self._grew = asyncio.Event()
         self._queued_fut: asyncio.Future[Queued] = asyncio.get_running_loop().create_future()
@@ -235,6 +250,8 @@ class Utterance:
             if not self._done.done():
                 self._chunks.append(event.pcm)
                 self._signal()
+        elif isinstance(event, HeardMarks):
+            self.marks.append(event.marks)
         elif isinstance(event, SpeechEnded):
             self.end = event.end
             self._finish(event)
@@ -459,15 +476,19 @@ class LivevoiceClient:
         *,
         sample_rate: int | None = None,
         resume: ListenPosition | None = None,
+        marks: bool = False,
     ) -> ChannelJoined:
         """Joins the tenant's ``channel`` to ``speak``, ``listen`` or ``both`` (once per
         session; joined again after a reconnect, resuming from :attr:`listen_position`). A
         listener reads :attr:`heard`; ``resume`` is a position kept from an earlier client
-        (another process, a restart) to resume from now."""
+        (another process, a restart) to resume from now; ``marks``: each stream heard carries
+        ``audio.marks`` (R19)."""
         await self._await_online()
         if resume is not None:
             self.listen_position = resume
-        join = ChannelJoin(channel=channel, role=role, sample_rate=sample_rate)
+        join = ChannelJoin(
+            channel=channel, role=role, sample_rate=sample_rate, marks=True if marks else None
+        )
         joined = await self._ajoin(join)
         self.channel = join
         return joined
@@ -476,6 +497,13 @@ class LivevoiceClient:
         """A player says it has played up to ``position`` (a :class:`HeardAudio`'s), so that a
         rejoin resumes after what was heard, not after what was merely received."""
         self.listen_position = position
+
+    async def areport_played(self, stream: int, samples: int) -> None:
+        """Tells the server this listener has played ``samples`` of its ``stream`` (R20), so
+        the channel's other listeners (an avatar bridge) follow what is actually heard. A few
+        times a second is plenty: the server relays at most one per 100 ms."""
+        await self._await_online()
+        await self._asend(Played(stream=stream, samples=samples))
 
     async def _ajoin(self, join: ChannelJoin) -> ChannelJoined:
         join_id = uuid.uuid4().hex[:8]
@@ -516,10 +544,12 @@ class LivevoiceClient:
         sample_rate: int | None = None,
         user: str | None = None,
         kind: str | None = None,
+        marks: bool = False,
     ) -> Utterance:
         """Sends ``speak`` and returns once the server queued it (or raises its error). In a
         channel, ``user`` and ``kind`` reach its listeners; the utterance ends with the
-        message's completion, without audio (listeners hear it)."""
+        message's completion, without audio (listeners hear it). ``marks``: its own stream
+        carries ``audio.marks`` (:attr:`Utterance.marks`)."""
         message_id = id if id is not None else uuid.uuid4().hex[:12]
         await self._await_online()
         utterance = Utterance(message_id)
@@ -527,7 +557,14 @@ class LivevoiceClient:
             async with self._send_lock:
                 # DuplicateId while one with this id is in flight: answers carry only the id.
                 self._wire.send_speak(
-                    Speak(id=message_id, text=text, sample_rate=sample_rate, user=user, kind=kind)
+                    Speak(
+                        id=message_id,
+                        text=text,
+                        sample_rate=sample_rate,
+                        user=user,
+                        kind=kind,
+                        marks=True if marks else None,
+                    )
                 )
                 self._utterances[message_id] = utterance
                 await self._aflush_locked()
@@ -799,7 +836,9 @@ class LivevoiceClient:
             return HeardAudio(event.message, event.id, event.pcm, event.channel, position)
         if isinstance(event, ChannelHeardEnded):
             self._heard_streams.pop(event.end.stream, None)
-        assert isinstance(event, ChannelHeardEnded | ChannelStateChanged)
+        assert isinstance(
+            event, ChannelHeardEnded | ChannelStateChanged | HeardMarks | PositionHeard
+        )
         return event
 
     def _fail_in_flight(self, exc: BaseException) -> None:
@@ -824,9 +863,9 @@ class LivevoiceClient:
 
     def _on_event(self, event: Event) -> None:
         """Hand one event of the wire to whoever waits for it."""
-        if isinstance(event, ChannelHeardStarted | ChannelHeardEnded | ChannelStateChanged) or (
-            isinstance(event, SpeechAudio) and event.channel is not None
-        ):
+        if isinstance(
+            event, ChannelHeardStarted | ChannelHeardEnded | ChannelStateChanged | PositionHeard
+        ) or (isinstance(event, SpeechAudio | HeardMarks) and event.channel is not None):
             self.heard.put_nowait(self._place(event))
         elif isinstance(event, ChannelJoinAnswered):
             joining = self._joins.get(event.request_id or "")
@@ -836,7 +875,7 @@ class LivevoiceClient:
                 else:
                     assert event.error is not None
                     joining.set_exception(event.error)
-        elif isinstance(event, SpeechQueued | SpeechStarted | SpeechAudio):
+        elif isinstance(event, SpeechQueued | SpeechStarted | SpeechAudio | HeardMarks):
             if (u := self._utterances.get(event.id)) is not None:
                 u._on_event(event)
         elif isinstance(event, SpeechEnded | SpeechFailed):

@@ -22,8 +22,8 @@ restart of VTS, of the bridge — authenticates with ``AuthenticationRequest`` a
 revoked token (``authenticated: false``) asks the user again.
 
 **What moves the mouth.** The value comes from ``audio.marks``'s ``mouth`` values (50 per
-second, 0..1) when the server sends them — the bridge asks with ``marks: true`` in its join when
-the client library can say it — and otherwise from the audio's own envelope computed here with the
+second, 0..1) when the server sends them — the bridge asks with ``marks: true`` in its join
+(``--no-marks``: not) — and otherwise from the audio's own envelope computed here with the
 same definition: RMS per 20 ms window, in dBFS mapped linearly from ``ENVELOPE_FLOOR_DB`` (0) to
 ``ENVELOPE_CEILING_DB`` (1), smoothed by a one-pole filter that opens fast and closes slower.
 Either is read at the message's playback position: real time from its first frame heard (a
@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -59,9 +58,15 @@ import aiohttp
 import numpy as np
 
 from protocol import LivevoiceError
-from protocol.client import ChannelHeardEnded, ChannelHeardStarted, error_code
+from protocol.client import (
+    ChannelHeardEnded,
+    ChannelHeardStarted,
+    HeardMarks,
+    PositionHeard,
+    error_code,
+)
 from protocol.errors import Unauthorized
-from protocol.messages import AudioStart
+from protocol.messages import AudioStart, ChannelJoined
 
 from .cli import Progress, UsageError, _connection_args, _run
 from .client import Backoff, ClientClosed, HeardAudio, LivevoiceClient
@@ -538,13 +543,10 @@ class VtsBridge:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def _ajoin(self, client: LivevoiceClient) -> Any:
-        # Marks are asked for only where the client library can read them: a server sending
-        # audio.marks to a client that does not know the type would break its socket.
-        if self.want_marks and "marks" in inspect.signature(client.ajoin).parameters:
-            join: Any = client.ajoin
-            return await join(self.channel, "listen", sample_rate=self.sample_rate, marks=True)
-        return await client.ajoin(self.channel, "listen", sample_rate=self.sample_rate)
+    async def _ajoin(self, client: LivevoiceClient) -> ChannelJoined:
+        return await client.ajoin(
+            self.channel, "listen", sample_rate=self.sample_rate, marks=self.want_marks
+        )
 
     async def _afollow(self, client: LivevoiceClient) -> None:
         """Feeds what the channel says to the timeline until the client stops for good."""
@@ -573,20 +575,11 @@ class VtsBridge:
             self.timeline.audio(event.message.stream, event.pcm)  # type: ignore[union-attr]
         elif isinstance(event, ChannelHeardEnded):
             self.timeline.end(event.end.stream)
-        else:
-            # audio.marks and channel.played (issue 13), however the client library wraps them.
-            message = getattr(event, "message", event)
-            kind = getattr(message, "TYPE", None)
-            if kind == "audio.marks":
-                stream = _field(message, "stream")
-                if isinstance(stream, int):
-                    self.timeline.marks(
-                        stream, _field(message, "mouth"), _field(message, "visemes")
-                    )
-            elif kind == "channel.played":
-                key, ms = _field(message, "message"), _field(message, "ms")
-                if isinstance(key, str) and isinstance(ms, int | float):
-                    self.timeline.played(key, float(ms), now)
+        elif isinstance(event, HeardMarks):
+            marks = event.marks
+            self.timeline.marks(marks.stream, marks.mouth, marks.visemes)
+        elif isinstance(event, PositionHeard):
+            self.timeline.played(event.played.message, float(event.played.ms), now)
 
     # --- VTube Studio -----------------------------------------------------------------------------
     async def _avts(self) -> None:

@@ -37,7 +37,7 @@ from protocol.state import (
 from protocol.wordfilter import WordFilter
 
 from .loudness import MessageLoudness
-from .marks import Marks, MouthEnvelope
+from .marks import Marks, MouthEnvelope, MouthMarks, VisemeMark, WordMark
 from .pcm import AudioCap, PcmFramer
 from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_in, speak_marked_in
 from .values import ResolvedVoice
@@ -142,6 +142,9 @@ class Seat:
         self._on_cut_loose = on_cut_loose
         self.max_buffer_s = LISTENER_BUFFER_S
         """Set by the channel joined."""
+        self.frame_ms = 100
+        """The server's frame length, set by the channel joined: where a resumed stream's
+        sample 0 is in its message (``resumed_from`` frames in)."""
         self.sample_rate = membership.sample_rate or 0
         self._feed: deque[_Start | _Marks | _Pcm | _End] = deque()
         self.buffered_s = 0.0
@@ -206,6 +209,12 @@ class Seat:
     def state(self, *, waiting: int, paused: bool) -> None:
         if not self.closed:
             self.protocol.channel_state(waiting=waiting, paused=paused)
+            self._kick()
+
+    def played(self, message: str, ms: float) -> None:
+        """Another listener's playback position in ``message`` (R20), for this listener."""
+        if self.listens:
+            self.protocol.channel_played(message, ms)
             self._kick()
 
     # --- listener side ------------------------------------------------------------------------
@@ -278,8 +287,12 @@ class Seat:
                     self.position = (line.key, item.resumed_from - 1)
             elif isinstance(item, _Marks):
                 if (heard := self._streams.get(item.key)) is not None:
-                    wire = item.marks.rescaled(heard.sample_rate).to_wire(self._kinds[item.key])
-                    self.protocol.listen_marks(heard, wire)
+                    marks = item.marks.rescaled(heard.sample_rate)
+                    if resumed := self._resumed_from[item.key]:
+                        frame = max(1, heard.sample_rate * self.frame_ms // 1000)
+                        marks = marks_from(marks, resumed * frame)
+                    if wire := marks.to_wire(self._kinds[item.key]):
+                        self.protocol.listen_marks(heard, wire)
                 continue  # sent with the frame behind it
             elif isinstance(item, _Pcm):
                 self.buffered_s = max(0.0, self.buffered_s - item.seconds)
@@ -328,9 +341,11 @@ class Fanout:
         for seat in listeners:
             seat.offer_start(line, marks=marks)
 
-    def mark(self, marks: Marks) -> None:
-        """Offer the marks of the chunk fed next (engine rate), ahead of its frames (R19)."""
-        for seat in [*self.listeners, *self._own]:
+    def mark(self, marks: Marks, at: tuple[int, int] = (0, 0)) -> None:
+        """Offer the marks of the chunk fed next (engine rate; stream entry ``at``), ahead of
+        its frames (R19). A resumed listener was replayed those up to its entry already."""
+        own = [seat for seat, (_, replayed_to) in self._own.items() if at > replayed_to]
+        for seat in [*self.listeners, *own]:
             seat.offer_marks(self.line.key, marks)
 
     def join_mid_way(self, seat: Seat, framer: PcmFramer, replayed_to: tuple[int, int]) -> None:
@@ -416,6 +431,11 @@ class Channel(Protocol):
     def purge(self, voice_id: str) -> None: ...
     def leave(self, seat: Seat) -> None: ...
 
+    def played(self, seat: Seat, message: str, ms: float) -> None:
+        """``seat``'s listener has played ``ms`` of ``message`` (R20, already rate-limited):
+        passed on to the channel's other listeners, on every server. Best effort."""
+        ...
+
 
 class ChannelHub(Protocol):
     """The channels of every tenant, as a session reaches them (a service of the app)."""
@@ -461,6 +481,7 @@ class LocalChannels:
             channel = LocalChannel(self, key)
             self._channels[key] = channel
         seat.max_buffer_s = self.max_listener_buffer_s
+        seat.frame_ms = self._frame_ms
         channel.seats.append(seat)
         return channel, (False if resume is not None else None)
 
@@ -571,6 +592,11 @@ class LocalChannel:
         if not self.seats:  # nobody left to hear it or to be answered
             self.stop()
             self.hub._forget(self)
+
+    def played(self, seat: Seat, message: str, ms: float) -> None:
+        for other in self.seats:
+            if other is not seat:
+                other.played(message, ms)
 
     def stop(self) -> None:
         if self._task is not None:
@@ -722,6 +748,29 @@ class LocalChannel:
             return None
         chunk = await anext_chunk(chunks, self._stop)
         return None if message.cancelled else chunk
+
+
+def marks_from(marks: Marks, sample: int) -> Marks:
+    """``marks`` (in samples of a message at some rate) for a stream of that message that
+    begins at its ``sample`` (a resumed listener, R18): what ends before it is dropped, the rest
+    is counted from it. A word under way there starts at 0; mouth values keep their 20 ms grid,
+    from the first window that starts inside the stream."""
+
+    def kept(start: int, end: int) -> tuple[int, int] | None:
+        return (max(0, start - sample), end - sample) if end > sample else None
+
+    words = tuple(
+        WordMark(w.text, *span) for w in marks.words if (span := kept(w.start, w.end)) is not None
+    )
+    visemes = tuple(
+        VisemeMark(v.v, *span) for v in marks.visemes if (span := kept(v.start, v.end)) is not None
+    )
+    mouth = marks.mouth
+    if mouth is not None:
+        window = marks.sample_rate // mouth.rate
+        late = max(0, -(-(sample - mouth.start) // window))
+        mouth = MouthMarks(mouth.start + late * window - sample, mouth.rate, mouth.values[late:])
+    return Marks(marks.sample_rate, words, visemes, mouth)
 
 
 async def _marking(

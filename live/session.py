@@ -37,6 +37,7 @@ from protocol.messages import (
     ChannelResume,
     ChannelSkip,
     Hello,
+    Played,
     Speak,
     VoiceDelete,
     VoiceUse,
@@ -243,6 +244,9 @@ class Session:
             self._spawn(self.requests.ause(self.tenant, message, request))
         elif isinstance(message, VoiceDelete):
             await self.requests.adelete(self.tenant, message)
+        elif isinstance(message, Played):
+            self._on_played(message)
+            return  # a position changes nothing of this session's own speech
         self.speaker.wake()  # a message admitted, or the current one cancelled
 
     async def _aon_binary(self, data: bytes) -> None:
@@ -281,7 +285,8 @@ class Session:
         if hub is None:
             raise Unsupported("this server serves no channels", message_id=join.id)
         rate = join.sample_rate or self.services.engine.sample_rate
-        membership = Membership(join.channel, join.role, rate)
+        # With its marks (R19) already: what a resume replays is offered before the join's answer.
+        membership = Membership(join.channel, join.role, rate, marks=bool(join.marks))
         seat = Seat(
             self.protocol,
             membership,
@@ -376,6 +381,14 @@ class Session:
             await channel.askip()
         else:
             await channel.aclear()
+
+    def _on_played(self, played: Played) -> None:
+        """A listener's playback position (R20; the protocol checked it is a listener): to
+        the channel's other listeners, unless it is dropped (too soon after the last one, or
+        a stream this listener did not hear)."""
+        relay = self.protocol.played(played, time.monotonic())
+        if relay is not None and self.channel is not None and self.seat is not None:
+            self.channel.played(self.seat, *relay)
 
     def _cut_loose(self) -> None:
         """The channel let this listener go (it fell too far behind): say so and close; the

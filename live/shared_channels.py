@@ -20,6 +20,13 @@ Why it is built this way is in ``docs/channels.md``; in short:
   joins late reads on from where it was instead of losing audio, and because the stream's
   tail *is* the replay buffer a reconnecting listener resumes from (R18). Requests that need
   the speaking server (stop the current message, wake up) go into a second, short stream.
+- **Marks** (R19): the speaking server writes each chunk's words and visemes (engine rate,
+  from the message's first sample) as a ``marks`` entry ahead of that chunk's audio, whenever
+  the engine has them; each reader computes the mouth from the audio it reads, so the stream
+  carries no mouth values. The replay carries marks like audio.
+- **Playback positions** (R20) go through Redis pub/sub, not the stream: they are ephemeral
+  (a lost one is replaced by the next a few hundred ms later) and ten a second of them would
+  push audio out of the replay buffer.
 """
 
 from __future__ import annotations
@@ -56,8 +63,9 @@ from protocol.wordfilter import WordFilter
 
 from .channels import LISTENER_BUFFER_S, ChannelMessage, Fanout, Line, Seat
 from .loudness import MessageLoudness
+from .marks import Marks, MouthEnvelope, VisemeMark, WordMark
 from .pcm import AudioCap, PcmFramer, to_s16le
-from .speech import SpeechEngine, anext_chunk, speak_in
+from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_marked_in
 from .values import ResolvedVoice
 
 log = logging.getLogger(__name__)
@@ -282,6 +290,11 @@ def _keys(tenant: str, name: str) -> list[str]:
     ]
 
 
+def _played_topic(tenant: str, name: str) -> str:
+    """The pub/sub channel of a channel's playback positions (R20)."""
+    return f"{PREFIX}:{{{tenant}:{name}}}:played"
+
+
 def _stream_id(raw: bytes | str) -> tuple[int, int]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     ms, _, seq = text.partition("-")
@@ -352,6 +365,60 @@ class _Stored:
         except Exception:
             log.warning("channel line %s could not be read; dropped", key)
             return None
+
+
+def _pack_marks(chunk: MarkedChunk, before: int) -> bytes | None:
+    """A ``marks`` entry's payload: the chunk's words and visemes that start before sample
+    ``before`` (the message's audio cap), at the engine's rate; None when it has none."""
+    words = [[w.text, w.start, w.end] for w in chunk.words if w.start < before]
+    visemes = [[v.v, v.start, v.end] for v in chunk.visemes if v.start < before]
+    if not words and not visemes:
+        return None
+    return bytes(msgpack.packb({"v": 1, "words": words, "visemes": visemes}))
+
+
+def _kinds(fields: dict[bytes, bytes]) -> tuple[str, ...]:
+    """The mark kinds a ``start`` entry says its message carries."""
+    return tuple(kind for kind in _str(fields, "marks").split(",") if kind)
+
+
+@dataclass
+class _MarkReading:
+    """One message's marks as a server reads them from the channel's stream: words and
+    visemes from its ``marks`` entries, the mouth from its audio (computed here, on every
+    server, from the same pcm: the stream carries no mouth values). Each piece of audio is
+    preceded by one :class:`Marks` of what came before it and its own mouth values."""
+
+    rate: int
+    mouth: MouthEnvelope | None
+    words: tuple[WordMark, ...] = ()
+    visemes: tuple[VisemeMark, ...] = ()
+
+    @classmethod
+    def of(cls, kinds: tuple[str, ...], rate: int) -> _MarkReading | None:
+        if not kinds:
+            return None
+        return cls(rate, MouthEnvelope(rate) if "mouth" in kinds else None)
+
+    def take(self, raw: bytes) -> None:
+        """A ``marks`` entry: held until the audio it precedes."""
+        try:
+            value = msgpack.unpackb(raw)
+            words = tuple(WordMark(str(t), int(a), int(b)) for t, a, b in value["words"])
+            visemes = tuple(VisemeMark(str(v), int(a), int(b)) for v, a, b in value["visemes"])
+        except Exception:
+            log.warning("channel marks could not be read; skipped")
+            return
+        self.words += words
+        self.visemes += visemes
+
+    def before(self, pcm: np.ndarray, *, last: bool = False) -> Marks | None:
+        """The marks to offer ahead of ``pcm`` (with ``last``: the message's end, the mouth's
+        last partial window); None when there are none."""
+        mouth = self.mouth.feed(pcm, last=last) if self.mouth is not None else None
+        marks = Marks(self.rate, self.words, self.visemes, mouth)
+        self.words, self.visemes = (), ()
+        return marks if marks else None
 
 
 def _error(code: str, message: str, message_id: str) -> LivevoiceError:
@@ -435,6 +502,7 @@ class SharedChannels:
             self._channels[key] = channel
             await channel.astart()
         seat.max_buffer_s = self.max_listener_buffer_s
+        seat.frame_ms = self.frame_ms
         resumed = await channel.aseat(seat, resume)
         return channel, resumed
 
@@ -492,6 +560,11 @@ class SharedChannel:
         """This server's producers' lines, by key: their endings are answered from here."""
         self._early: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
         self._fanouts: dict[str, Fanout] = {}
+        self._readings: dict[str, _MarkReading] = {}
+        """Marks of the messages being read, by key (those that carry any)."""
+        self._positions: dict[int, tuple[str, float]] = {}
+        """Playback positions of this server's listeners not yet published, by reporter."""
+        self._publishing: asyncio.Task[None] | None = None
         self._gone: set[str] = set()
         """This server's lines answered before their drop went by (a purge, R6)."""
         self._started: set[str] = set()
@@ -529,6 +602,7 @@ class SharedChannel:
         self._tasks = [
             asyncio.create_task(self._aread_forever(), name=f"channel-read-{self._name}"),
             asyncio.create_task(self._astand_forever(), name=f"channel-lead-{self._name}"),
+            asyncio.create_task(self._aplayed_forever(), name=f"channel-played-{self._name}"),
         ]
 
     async def aseat(self, seat: Seat, resume: tuple[str, int] | None) -> bool | None:
@@ -561,6 +635,7 @@ class SharedChannel:
         engine_rate = self.hub.engine.sample_rate
         framers: dict[str, PcmFramer] = {}
         skip: dict[str, int] = {}
+        readings: dict[str, _MarkReading | None] = {}
         for _, fields in entries[starts[0] :]:
             kind, k = fields.get(b"t"), _str(fields, "key")
             if kind == b"start":
@@ -571,9 +646,18 @@ class SharedChannel:
                 stored.line.voice = _str(fields, "voice") or None
                 framers[k] = PcmFramer(engine_rate, seat.sample_rate, self.hub.frame_ms)
                 skip[k] = seq + 1 if k == key else 0
-                seat.offer_start(stored.line, resumed_from=skip[k])
+                kinds = _kinds(fields)
+                readings[k] = _MarkReading.of(kinds, engine_rate)
+                # The seat drops the marks of what it skips and counts the rest from its
+                # stream's sample 0 (``resumed_from`` frames into the message).
+                seat.offer_start(stored.line, resumed_from=skip[k], marks=kinds)
+            elif kind == b"marks" and (reading := readings.get(k)) is not None:
+                reading.take(fields.get(b"marks", b""))
             elif kind == b"pcm" and k in framers:
-                for pcm in framers[k].feed(_samples(fields.get(b"pcm", b""))):
+                samples = _samples(fields.get(b"pcm", b""))
+                if (reading := readings.get(k)) and (marks := reading.before(samples)):
+                    seat.offer_marks(k, marks)
+                for pcm in framers[k].feed(samples):
                     if skip[k] > 0:
                         skip[k] -= 1
                     elif not seat.offer_pcm(k, pcm):
@@ -581,7 +665,10 @@ class SharedChannel:
                         return True
             elif kind == b"end" and k in framers:
                 framer = framers.pop(k)
+                reading = readings.pop(k, None)
                 cancelled = fields.get(b"cancelled") == b"1"
+                if not cancelled and reading and (marks := reading.before(_NO_PCM, last=True)):
+                    seat.offer_marks(k, marks)
                 if not cancelled and (tail := framer.flush()) and skip[k] <= 0:
                     seat.offer_pcm(k, tail)
                 seat.offer_end(
@@ -758,6 +845,67 @@ class SharedChannel:
             if stored is not None and stored.line.voice == voice_id:
                 await self._adrop(key, "cancelled", "its voice was deleted")
 
+    # --- playback positions (R20) ----------------------------------------------------------------
+    def played(self, seat: Seat, message: str, ms: float) -> None:
+        """Relayed at once to this server's other listeners, and published for the other
+        servers' (pub/sub: a position is worth nothing a few hundred ms later, so it is not
+        kept in the stream, whose entries are the replay buffer's audio)."""
+        for other in self.seats:
+            if other is not seat:
+                other.played(message, ms)
+        self._positions[id(seat)] = (message, ms)
+        if self._publishing is None or self._publishing.done():
+            self._publishing = asyncio.create_task(self._apublish_positions())
+            self._tasks.append(self._publishing)
+            self._publishing.add_done_callback(self._done)
+
+    async def _apublish_positions(self) -> None:
+        """Publish the latest position of each reporter; one publish at a time, so a slow
+        Redis holds back only positions (the newest one wins), never a session."""
+        topic = _played_topic(self.tenant, self._name)
+        while self._positions:
+            positions, self._positions = self._positions, {}
+            for message, ms in positions.values():
+                try:
+                    await self.hub._redis.publish(
+                        topic, msgpack.packb([self.hub.server, message, ms])
+                    )
+                except (RedisError, OSError) as exc:
+                    log.debug("channel %s: a position was not published (%s)", self._name, exc)
+
+    async def _aplayed_forever(self) -> None:
+        """The other servers' listeners' positions, to this server's listeners."""
+        topic = _played_topic(self.tenant, self._name)
+        while True:
+            pubsub = self.hub._reader.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(topic)
+                while True:
+                    got: Any = await pubsub.get_message(timeout=1.0)
+                    if got is not None and got.get("type") == "message":
+                        self._on_position(got.get("data", b""))
+            except (RedisError, OSError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc
+                log.info("channel %s: positions unavailable (%s); retrying", self._name, exc)
+                await asyncio.sleep(0.5)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _on_position(self, raw: bytes) -> None:
+        try:
+            server, message, ms = msgpack.unpackb(raw)
+            if server == self.hub.server:
+                return  # relayed here when it was reported
+            message, ms = str(message), float(ms)
+        except Exception:
+            log.warning("channel %s: a position could not be read; dropped", self._name)
+            return
+        for seat in self.seats:
+            seat.played(message, ms)
+
     # --- the stream -----------------------------------------------------------------------------
     async def _aread_forever(self) -> None:
         r = self.hub._reader
@@ -801,7 +949,13 @@ class SharedChannel:
         if kind == b"pcm":
             fanout = self._fanouts.get(key)
             if fanout is not None:
-                fanout.feed(_samples(fields.get(b"pcm", b"")), _stream_id(entry_id))
+                at, samples = _stream_id(entry_id), _samples(fields.get(b"pcm", b""))
+                if (reading := self._readings.get(key)) and (marks := reading.before(samples)):
+                    fanout.mark(marks, at)
+                fanout.feed(samples, at)
+        elif kind == b"marks":
+            if (reading := self._readings.get(key)) is not None:
+                reading.take(fields.get(b"marks", b""))
         elif kind == b"start":
             stored = _Stored.unpack(fields.get(b"line", b""), key)
             if stored is None:
@@ -817,15 +971,27 @@ class SharedChannel:
                 for s in self.seats
                 if s.listens and (s not in self._live_after or self._live_after[s] < after)
             ]
+            kinds = _kinds(fields)
+            reading = _MarkReading.of(kinds, self.hub.engine.sample_rate)
+            if reading is not None:
+                self._readings[key] = reading
             self._fanouts[key] = Fanout(
                 line,
                 listeners,
                 engine_rate=self.hub.engine.sample_rate,
                 frame_ms=self.hub.frame_ms,
                 cut_loose=self._cut_loose,
+                marks=kinds,
             )
         elif kind == b"end":
             fanout = self._fanouts.pop(key, None)
+            reading = self._readings.pop(key, None)
+            cancelled = fields.get(b"cancelled") == b"1"
+            # the mouth's last partial window, ahead of the audio's tail
+            if fanout is not None and reading is not None and not cancelled:
+                marks = reading.before(_NO_PCM, last=True)
+                if marks is not None:
+                    fanout.mark(marks, _stream_id(entry_id))
             if fanout is not None:
                 fanout.end(
                     ttfa_ms=float(_str(fields, "ttfa_ms") or 0),
@@ -1000,21 +1166,30 @@ class SharedChannel:
         engine = self.hub.engine
         self.hub.engine_calls += 1
         started = time.perf_counter()
+        # Marks are always taken from an engine that has them (cheap: ~0.6 ms of CPU a second
+        # of audio): listeners on any server may ask for them, and a replay carries them.
+        chunks, kinds = speak_marked_in(engine, line.text, voice)  # runs when read
         if not await self._anote(
-            key, "t", "start", "key", key, "replayed", int(replayed), "voice", line.voice or "",
-            "line", stored.pack(),
+            key, "t", "start", "key", key, "replayed", int(replayed),
+            "voice", line.voice or "", "marks", ",".join(kinds), "line", stored.pack(),
         ):  # fmt: skip
             return  # the lease went meanwhile: the new speaker speaks it
         cap = AudioCap(self.hub.max_message_audio_s, engine.sample_rate)
         spoken, ttfa, piece = 0, None, int(PIECE_S * engine.sample_rate)
         loudness = MessageLoudness(engine.sample_rate)
-        chunks = speak_in(engine, line.text, voice)
         try:
             while not speaking.stop.is_set():
-                chunk = await anext_chunk(chunks, speaking.stop)
-                if chunk is None or speaking.stop.is_set():
+                marked = await anext_chunk(chunks, speaking.stop)
+                if marked is None or speaking.stop.is_set():
                     break
-                chunk = cap.take(chunk)
+                chunk = cap.take(marked.pcm)
+                if (raw := _pack_marks(marked, spoken + len(chunk))) is not None:
+                    await self.hub._redis.xadd(
+                        self.keys[5],
+                        {"t": "marks", "key": key, "marks": raw},
+                        maxlen=REPLAY_ENTRIES,
+                        approximate=True,
+                    )
                 spoken += len(chunk)
                 loudness.feed(chunk)
                 for at in range(0, len(chunk), piece):
@@ -1070,6 +1245,9 @@ class SharedChannel:
         if not self.hub.matching:  # an engine that does not match takes no profile
             voice = dataclasses.replace(voice, profile=None)
         return voice
+
+
+_NO_PCM: Final = np.zeros(0, dtype=np.float32)
 
 
 def _samples(pcm: bytes) -> np.ndarray:

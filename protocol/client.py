@@ -2,10 +2,10 @@
 
 The one way Python code reads the server's wire. ``send_*`` queue frames (``data_to_send()``)
 and remember what is in flight; ``receive_text`` / ``receive_binary`` take the server's frames and
-return what they mean as events: a speak queued, started, given audio, ended or failed; a voice
-request answered or failed; a pong. The checks a client owes the server's promises are made here:
-frames of a stream numbered 0, 1, 2… with no gap, ``audio.end`` counting what arrived, each speak
-ending once.
+return what they mean as events: a speak queued, started, given audio, marks (R19), ended or
+failed; a voice request answered or failed; another listener's playback position (R20); a
+pong. The checks a client owes the server's promises are made here: frames of a stream
+numbered 0, 1, 2… with no gap, ``audio.end`` counting what arrived, each speak ending once.
 
 Voice requests carry ids (``voice.register``, ``voice.use``, ``voice.delete``), so several can be
 in flight; they are answered as they complete.
@@ -22,12 +22,14 @@ from .codec import AudioFrame, decode_server, encode
 from .errors import BadAudioFrame, DuplicateId, LivevoiceError, all_codes
 from .messages import (
     AudioEnd,
+    AudioMarks,
     AudioStart,
     Cancel,
     Cancelled,
     ChannelFiltered,
     ChannelJoin,
     ChannelJoined,
+    ChannelPlayed,
     ChannelState,
     Error,
     Hello,
@@ -176,6 +178,25 @@ class ChannelHeardEnded(Event):
     """A channel's message ended for this listener (``end.cancelled``: skipped or cancelled)."""
 
     end: AudioEnd
+
+
+@dataclass(frozen=True, slots=True)
+class HeardMarks(Event):
+    """``audio.marks`` (R19) of a stream this client is receiving, before the frames they
+    describe: of one of its speaks (``channel`` None) or of a channel's message it hears."""
+
+    id: str
+    marks: AudioMarks
+    channel: str | None = None
+    """Set for a channel's message heard as a listener."""
+
+
+@dataclass(frozen=True, slots=True)
+class PositionHeard(Event):
+    """``channel.played`` (R20): another listener of the channel has played ``played.ms`` of
+    the message ``played.message``."""
+
+    played: ChannelPlayed
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +381,13 @@ class ClientProtocol:
             if message.id is not None:
                 self._joins.discard(message.id)
             return ChannelJoinAnswered(message, message.id, message)
+        if isinstance(message, AudioMarks):
+            speech = self._streams.get(message.stream)
+            if speech is None:
+                return Unmatched(message, f"audio.marks for unknown stream {message.stream}")
+            return HeardMarks(message, speech.id, message, speech.channel)
+        if isinstance(message, ChannelPlayed):
+            return PositionHeard(message, message)
         if isinstance(message, ChannelState):
             return ChannelStateChanged(message, message)
         if isinstance(message, ChannelFiltered):

@@ -180,8 +180,10 @@ def test_the_layers_above_live_plug_in_through_entry_points() -> None:
     installed metadata, so ``live`` needs no import of them (pyproject's entry points)."""
     import bench.cli
     import clients.cli
+    import clients.vts
     import clients.web
     from live.cli import COMMANDS, ROUTES, plugins
 
-    assert plugins(COMMANDS) == [bench.cli.add_command, clients.cli.add_commands]
+    commands = [bench.cli.add_command, clients.cli.add_commands, clients.vts.add_vts_command]
+    assert plugins(COMMANDS) == commands
     assert plugins(ROUTES) == [clients.web.add_widget_routes]
