@@ -36,6 +36,7 @@ from protocol.state import (
 )
 from protocol.wordfilter import WordFilter
 
+from .loudness import MessageLoudness
 from .marks import Marks, MouthEnvelope, MouthMarks, VisemeMark, WordMark
 from .pcm import AudioCap, PcmFramer
 from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_in, speak_marked_in
@@ -115,6 +116,7 @@ class _End:
     ttfa_ms: float
     cancelled: bool
     truncated: bool
+    loudness_lufs: float | None = None
 
 
 class Seat:
@@ -175,10 +177,22 @@ class Seat:
             self._task.cancel()
 
     # --- producer side ------------------------------------------------------------------------
-    def spoken(self, job: SpeakJob, *, duration_ms: float, ttfa_ms: float, truncated: bool) -> None:
+    def spoken(
+        self,
+        job: SpeakJob,
+        *,
+        duration_ms: float,
+        ttfa_ms: float,
+        truncated: bool,
+        loudness_lufs: float | None = None,
+    ) -> None:
         if not self.closed:
             self.protocol.channel_spoken(
-                job, duration_ms=duration_ms, ttfa_ms=ttfa_ms, truncated=truncated
+                job,
+                duration_ms=duration_ms,
+                ttfa_ms=ttfa_ms,
+                truncated=truncated,
+                loudness_lufs=loudness_lufs,
             )
             self._kick()
 
@@ -223,12 +237,20 @@ class Seat:
         self._offer(_Pcm(key, pcm, seconds))
         return True
 
-    def offer_end(self, key: str, *, ttfa_ms: float, cancelled: bool, truncated: bool) -> None:
+    def offer_end(
+        self,
+        key: str,
+        *,
+        ttfa_ms: float,
+        cancelled: bool,
+        truncated: bool,
+        loudness_lufs: float | None = None,
+    ) -> None:
         if cancelled:  # a skipped message stops now, not after what is still buffered
             kept = [i for i in self._feed if not (isinstance(i, _Pcm) and i.key == key)]
             self._feed = deque(kept)
             self.buffered_s = sum(i.seconds for i in kept if isinstance(i, _Pcm))
-        self._offer(_End(key, ttfa_ms, cancelled, truncated))
+        self._offer(_End(key, ttfa_ms, cancelled, truncated, loudness_lufs))
 
     def cut_loose(self) -> None:
         self.close()
@@ -281,7 +303,11 @@ class Seat:
                 self._resumed_from.pop(item.key, None)
                 self._kinds.pop(item.key, None)
                 self.protocol.listen_end(
-                    heard, ttfa_ms=item.ttfa_ms, cancelled=item.cancelled, truncated=item.truncated
+                    heard,
+                    ttfa_ms=item.ttfa_ms,
+                    cancelled=item.cancelled,
+                    truncated=item.truncated,
+                    loudness_lufs=item.loudness_lufs,
                 )
             await self._flush()
 
@@ -339,7 +365,13 @@ class Fanout:
         return any(frames.values())
 
     def end(
-        self, *, ttfa_ms: float, cancelled: bool, truncated: bool, at: tuple[int, int] = (0, 0)
+        self,
+        *,
+        ttfa_ms: float,
+        cancelled: bool,
+        truncated: bool,
+        at: tuple[int, int] = (0, 0),
+        loudness_lufs: float | None = None,
     ) -> None:
         own = [seat for seat, (_, replayed_to) in self._own.items() if at > replayed_to]
         if not cancelled:
@@ -347,7 +379,13 @@ class Fanout:
             for seat in own:
                 self._offer_to(seat, [t] if (t := self._own[seat][0].flush()) else [])
         for seat in [*self.listeners, *own]:
-            seat.offer_end(self.line.key, ttfa_ms=ttfa_ms, cancelled=cancelled, truncated=truncated)
+            seat.offer_end(
+                self.line.key,
+                ttfa_ms=ttfa_ms,
+                cancelled=cancelled,
+                truncated=truncated,
+                loudness_lufs=loudness_lufs,
+            )
 
     def _offer(self, frames: dict[int, list[bytes]]) -> None:
         for seat in list(self.listeners):
@@ -656,6 +694,7 @@ class LocalChannel:
             marks=kinds,
         )
         cap = AudioCap(hub._max_message_audio_s, engine.sample_rate)
+        loudness = MessageLoudness(engine.sample_rate)
         spoken = 0
         started = time.perf_counter()
         ttfa: float | None = None
@@ -668,6 +707,7 @@ class LocalChannel:
             while (chunk := await self._next_chunk(chunks, message)) is not None:
                 chunk = cap.take(chunk)
                 spoken += len(chunk)
+                loudness.feed(chunk)
                 if fanout.feed(chunk) and ttfa is None:
                     ttfa = time.perf_counter() - started
                 if cap.reached:
@@ -675,10 +715,17 @@ class LocalChannel:
         finally:
             await chunks.aclose()
         ttfa_ms = round((ttfa or 0.0) * 1000, 3)
-        fanout.end(ttfa_ms=ttfa_ms, cancelled=message.cancelled, truncated=cap.reached)
+        lufs = await loudness.alufs()
+        fanout.end(
+            ttfa_ms=ttfa_ms, cancelled=message.cancelled, truncated=cap.reached, loudness_lufs=lufs
+        )
         duration_ms = round(spoken * 1000 / engine.sample_rate, 3)
         message.seat.spoken(
-            message.job, duration_ms=duration_ms, ttfa_ms=ttfa_ms, truncated=cap.reached
+            message.job,
+            duration_ms=duration_ms,
+            ttfa_ms=ttfa_ms,
+            truncated=cap.reached,
+            loudness_lufs=lufs,
         )
 
     async def _until_stopped(self, voice: asyncio.Future[ResolvedVoice]) -> ResolvedVoice | None:

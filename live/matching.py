@@ -382,4 +382,3 @@ def in_praat(work: Callable[..., T], *args: Any) -> T:
 def analyse_apart(pcm: npt.ArrayLike, sample_rate: int = 16_000) -> VoiceProfile | None:
     """:func:`analyse` in the Praat worker processes (the voice store's profiler)."""
     return in_praat(analyse, np.asarray(pcm, dtype=np.float32), sample_rate)
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from protocol.errors import VoiceFailed
@@ -25,8 +26,12 @@ class PinStore(Protocol):
 
 
 class PinnedVoice:
-    def __init__(self, store: PinStore) -> None:
+    def __init__(
+        self, store: PinStore, *, on_pin: Callable[[ResolvedVoice], None] | None = None
+    ) -> None:
         self._store = store
+        self._on_pin = on_pin
+        """Told each voice pinned (the loudness engine measures its gain then)."""
         self.voice: ResolvedVoice | None = None
         """The voice pinned in the store (the last one that landed)."""
         self._resolved: weakref.WeakKeyDictionary[VoiceRequest, ResolvedVoice] = (
@@ -42,6 +47,8 @@ class PinnedVoice:
             self._store.unpin(self.voice.fingerprint)
         self.voice = voice
         self._resolved[request] = voice
+        if self._on_pin is not None:
+            self._on_pin(voice)
         self._wake()
 
     def failed(self) -> None:

@@ -22,15 +22,17 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Final
 
 import msgpack
 import numpy as np
 
+from .marks import VisemeMark, WordMark
 from .metrics import Metrics
 from .pcm import to_s16le
 from .redis_tier import DOWN, RedisTier
-from .speech import SpeechEngine
+from .speech import MarkedChunk, SpeechEngine, marked_stream_of, stream_of, unmarked
 from .values import Embedding, VoiceProfile
 
 __all__ = ["RenderedSpeech", "decode_rendered", "encode_rendered"]
@@ -38,33 +40,53 @@ __all__ = ["RenderedSpeech", "decode_rendered", "encode_rendered"]
 log = logging.getLogger(__name__)
 
 _KEY_DOMAIN: Final = b"livevoice:rendered:v1"
-_VALUE_VERSION: Final = 1
+_VALUE_VERSION: Final = 2
+"""2: word and viseme marks kept with the PCM of a line synthesized with them."""
 _CHUNK_S: Final = 0.25
 """A hit is streamed in chunks this long: the first frames leave before the rest is converted,
 and a cancel takes effect at the next chunk, as with synthesized speech."""
 
 
-def encode_rendered(sample_rate: int, pcm: bytes) -> bytes:
-    """The msgpack map stored for a line: format version, native rate, s16le PCM. The PCM is
-    what the wire would carry at that rate (``to_s16le``), so a hit is sample-exact."""
-    packed: bytes = msgpack.packb(
-        {"v": _VALUE_VERSION, "sr": sample_rate, "pcm": pcm}, use_bin_type=True
-    )
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A stored line: its s16le PCM and, when it was synthesized with them, its marks."""
+
+    pcm: bytes
+    words: tuple[WordMark, ...] | None = None
+    """None: stored without marks (a hit for a plain stream only)."""
+    visemes: tuple[VisemeMark, ...] = ()
+
+
+def encode_rendered(sample_rate: int, pcm: bytes, marks: MarkedChunk | None = None) -> bytes:
+    """The msgpack map stored for a line: format version, native rate, s16le PCM (what the
+    wire would carry at that rate, ``to_s16le``, so a hit is sample-exact), and the line's
+    marks when it had them (``marks``: all of them, in the message's samples)."""
+    value: dict[str, object] = {"v": _VALUE_VERSION, "sr": sample_rate, "pcm": pcm}
+    if marks is not None:
+        value["words"] = [[w.text, w.start, w.end] for w in marks.words]
+        value["visemes"] = [[v.v, v.start, v.end] for v in marks.visemes]
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
     return packed
 
 
-def decode_rendered(raw: bytes, sample_rate: int) -> bytes | None:
-    """The s16le PCM in ``raw``, or None for anything not written for this rate (a miss)."""
+def decode_rendered(raw: bytes, sample_rate: int) -> Rendered | None:
+    """The line in ``raw``, or None for anything not written for this rate (a miss)."""
     try:
         obj = msgpack.unpackb(raw, raw=False)
-    except Exception:  # msgpack's zoo of errors on garbage: all mean "not ours"
+        if not isinstance(obj, dict) or obj.get("v") != _VALUE_VERSION:
+            return None
+        if obj.get("sr") != sample_rate:
+            return None
+        pcm = obj.get("pcm")
+        if not isinstance(pcm, bytes) or len(pcm) % 2:
+            return None
+        if "words" not in obj:
+            return Rendered(pcm)
+        words = tuple(WordMark(str(t), int(a), int(b)) for t, a, b in obj["words"])
+        visemes = tuple(VisemeMark(str(v), int(a), int(b)) for v, a, b in obj["visemes"])
+        return Rendered(pcm, words, visemes)
+    except Exception:  # msgpack's zoo of errors, or a garbled map: all mean "not ours"
         return None
-    if not isinstance(obj, dict) or obj.get("v") != _VALUE_VERSION or obj.get("sr") != sample_rate:
-        return None
-    pcm = obj.get("pcm")
-    if not isinstance(pcm, bytes) or len(pcm) % 2:
-        return None
-    return pcm
 
 
 class RenderedSpeech:
@@ -116,33 +138,62 @@ class RenderedSpeech:
             h.update(part)
         return h.hexdigest()
 
+    @property
+    def aligned(self) -> bool:
+        """Whether lines come with word and viseme marks (the inner engine's alignments)."""
+        return bool(getattr(self.inner, "aligned", False))
+
     async def stream(
         self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
     ) -> AsyncGenerator[np.ndarray, None]:
+        async with contextlib.aclosing(self._serve(text, voice, profile, False)) as chunks:
+            async for chunk in chunks:
+                yield chunk.pcm
+
+    async def stream_marked(
+        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
+    ) -> AsyncGenerator[MarkedChunk, None]:
+        """``stream`` with the line's marks (an aligned inner engine): a hit stored with its
+        marks gives them all with its first chunk; one stored without them is a miss."""
+        async with contextlib.aclosing(self._serve(text, voice, profile, True)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _serve(
+        self, text: str, voice: Embedding, profile: VoiceProfile | None, marked: bool
+    ) -> AsyncGenerator[MarkedChunk, None]:
         key = self.render_key(text, voice, profile=None if profile is None else repr(profile))
         raw = await self.tier.aget_rendered(key, self.ttl_s)
         if raw is DOWN:
             self.metrics.rendered_lookups.labels("skipped").inc()
-            async with contextlib.aclosing(self._inner_stream(text, voice, profile)) as chunks:
+            async with contextlib.aclosing(self._inner(text, voice, profile, marked)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
-        pcm = decode_rendered(raw, self.sample_rate) if isinstance(raw, bytes) else None
-        if pcm is not None:
+        hit = decode_rendered(raw, self.sample_rate) if isinstance(raw, bytes) else None
+        if hit is not None and (hit.words is not None or not marked):
             self.metrics.rendered_lookups.labels("hit").inc()
-            self.metrics.rendered_served_bytes.inc(len(pcm))
-            samples = np.frombuffer(pcm, dtype="<i2")
+            self.metrics.rendered_served_bytes.inc(len(hit.pcm))
+            samples = np.frombuffer(hit.pcm, dtype="<i2")
             step = max(1, int(self.sample_rate * _CHUNK_S))
             for start in range(0, len(samples), step):
-                yield samples[start : start + step].astype(np.float32) / np.float32(32767.0)
+                pcm = samples[start : start + step].astype(np.float32) / np.float32(32767.0)
+                if start == 0 and hit.words is not None:
+                    yield MarkedChunk(pcm, hit.words, hit.visemes)
+                else:
+                    yield MarkedChunk(pcm)
             return
         self.metrics.rendered_lookups.labels("miss").inc()
         kept: list[bytes] = []
+        words: list[WordMark] = []
+        visemes: list[VisemeMark] = []
         size = 0
-        async with contextlib.aclosing(self._inner_stream(text, voice, profile)) as chunks:
+        async with contextlib.aclosing(self._inner(text, voice, profile, marked)) as chunks:
             async for chunk in chunks:
+                words += chunk.words
+                visemes += chunk.visemes
                 if size <= self.max_entry_bytes:
-                    s16 = to_s16le(chunk)
+                    s16 = to_s16le(chunk.pcm)
                     size += len(s16)
                     kept.append(s16)
                     if size > self.max_entry_bytes:
@@ -153,15 +204,18 @@ class RenderedSpeech:
         if size > self.max_entry_bytes:
             self.metrics.rendered_stores.labels("too_big").inc()
         elif size:
-            self._store_later(key, encode_rendered(self.sample_rate, b"".join(kept)))
+            marks = MarkedChunk(np.zeros(0, np.float32), tuple(words), tuple(visemes))
+            value = encode_rendered(self.sample_rate, b"".join(kept), marks if marked else None)
+            self._store_later(key, value)
 
-    def _inner_stream(
-        self, text: str, voice: Embedding, profile: VoiceProfile | None
-    ) -> AsyncGenerator[np.ndarray, None]:
-        """Only a matched voice passes a profile: engines from before matching take none."""
-        if profile is None:
-            return self.inner.stream(text, voice)
-        return self.inner.stream(text, voice, profile=profile)
+    def _inner(
+        self, text: str, voice: Embedding, profile: VoiceProfile | None, marked: bool
+    ) -> AsyncGenerator[MarkedChunk, None]:
+        """The inner engine's chunks, with marks when asked (and it has them)."""
+        if marked:
+            chunks, _ = marked_stream_of(self.inner, text, voice, profile)
+            return chunks
+        return unmarked(stream_of(self.inner, text, voice, profile))
 
     def _store_later(self, key: str, value: bytes) -> None:
         task = asyncio.create_task(self._astore(key, value))

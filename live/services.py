@@ -24,6 +24,7 @@ from aiohttp import WSCloseCode, web
 from .channels import ChannelHub, LocalChannels
 from .connections import Lobby
 from .embedded import EmbeddedRedis
+from .loudness import LoudnessEngine
 from .matching import VoiceMatching
 from .metrics import Metrics
 from .redis_tier import RedisTier
@@ -138,7 +139,8 @@ async def aservices(
     """Load the models (off the event loop), connect the tiers the settings ask for, run the
     tier's background loops; close all of it, in reverse, on exit.
 
-    Injected ``engine`` and ``embedder`` belong to the caller, who closes them.
+    Injected ``engine`` and ``embedder`` belong to the caller, who closes them; an injected
+    engine is used as it is (no loudness target: wrap it in ``LoudnessEngine`` to have one).
     """
     async with contextlib.AsyncExitStack() as stack:
         # Pushed first so it runs last: after the tier's pool is closed, which ends a pub/sub
@@ -156,9 +158,13 @@ async def aservices(
             log.info("speaker encoder %s on %s", encoder.encoder_id, encoder.device)
         if isinstance(embedder, Alive):
             checks.append(ReadinessCheck("encoder", _alive(embedder)))
+        loudness = engine is None and settings.loudness
         if engine is None:
             engine = await asyncio.to_thread(
-                PiperEngine, workers=settings.tts_workers, use_cuda=settings.device == "cuda"
+                PiperEngine,
+                workers=settings.tts_workers,
+                use_cuda=settings.device == "cuda",
+                peak_normalize=not loudness,  # the loudness target sets the level instead
             )
             stack.push_async_callback(close_logged, "speech engine", engine.aclose)
             log.info("speech engine %s at %d Hz", engine.name, engine.sample_rate)
@@ -193,6 +199,11 @@ async def aservices(
             )
             # Closed before the tier's pool (pushed after it): its last stores land.
             stack.push_async_callback(close_logged, "rendered-audio cache", engine.aclose)
+        if loudness:  # outside the rendered cache: its lines are kept before the gain
+            engine = LoudnessEngine(
+                engine, target_lufs=settings.loudness_lufs, ceiling_dbtp=settings.true_peak_dbtp
+            )
+            stack.push_async_callback(close_logged, "loudness", engine.aclose)
         store = store_factory(
             embedder,
             l1_capacity=settings.l1_voices,

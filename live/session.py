@@ -45,6 +45,7 @@ from protocol.messages import (
 from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, Membership
 
 from .channels import Channel, ChannelMessage, Line, Seat
+from .loudness import LoudnessEngine
 from .pinned import PinnedVoice
 from .speaker import Speaker
 from .tenants import PUBLIC_TENANT
@@ -81,7 +82,10 @@ class Session:
             sample_rates=SAMPLE_RATES,
             clean_text=clean_text,
         )
-        self.voice = PinnedVoice(services.store)
+        engine = services.engine
+        self.voice = PinnedVoice(
+            services.store, on_pin=engine.prepare if isinstance(engine, LoudnessEngine) else None
+        )
         self.requests = VoiceRequests(
             self.protocol,
             self.voice,

@@ -106,6 +106,14 @@ class Settings:
     22.05 kHz audio); storing past it evicts the least recently played lines."""
     rendered_max_entry_bytes: int = 1024 * 1024
     """Largest line kept (~24 s at 22.05 kHz); longer ones are synthesized every time."""
+    loudness: bool = True
+    """Bring every message to ``loudness_lufs`` under ``true_peak_dbtp`` (``live.loudness``):
+    one gain per voice, measured once on a reference synthesis. Off: the engine's audio as it
+    is (Piper's, peak-normalised per sentence)."""
+    loudness_lufs: float = -16.0
+    """Target integrated loudness of every message (ITU-R BS.1770 / EBU R128 units)."""
+    true_peak_dbtp: float = -1.0
+    """Ceiling no message's true peak (4x oversampled) goes above."""
     limits: Limits = field(default_factory=Limits)
 
     @classmethod

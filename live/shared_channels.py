@@ -62,6 +62,7 @@ from protocol.state import word_filter
 from protocol.wordfilter import WordFilter
 
 from .channels import LISTENER_BUFFER_S, ChannelMessage, Fanout, Line, Seat
+from .loudness import MessageLoudness
 from .marks import Marks, MouthEnvelope, VisemeMark, WordMark
 from .pcm import AudioCap, PcmFramer, to_s16le
 from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_marked_in
@@ -302,6 +303,13 @@ def _stream_id(raw: bytes | str) -> tuple[int, int]:
 
 def _str(fields: dict[bytes, bytes], name: str) -> str:
     return fields.get(name.encode(), b"").decode()
+
+
+def _lufs(fields: dict[bytes, bytes]) -> float | None:
+    """An end's ``loudness_lufs``: empty when nothing audible was sent (or an older server
+    wrote it)."""
+    raw = _str(fields, "loudness_lufs")
+    return float(raw) if raw else None
 
 
 @dataclass
@@ -668,6 +676,7 @@ class SharedChannel:
                     ttfa_ms=float(_str(fields, "ttfa_ms") or 0),
                     cancelled=cancelled,
                     truncated=fields.get(b"truncated") == b"1",
+                    loudness_lufs=_lufs(fields),
                 )
         for k, framer in framers.items():  # still being spoken: heard live from here
             fanout = self._fanouts.get(k)
@@ -989,6 +998,7 @@ class SharedChannel:
                     cancelled=fields.get(b"cancelled") == b"1",
                     truncated=fields.get(b"truncated") == b"1",
                     at=_stream_id(entry_id),
+                    loudness_lufs=_lufs(fields),
                 )
             self._answer(entry_id, fields)
         elif kind == b"drop":
@@ -1026,6 +1036,7 @@ class SharedChannel:
                 duration_ms=float(_str(fields, "duration_ms") or 0),
                 ttfa_ms=float(_str(fields, "ttfa_ms") or 0),
                 truncated=fields.get(b"truncated") == b"1",
+                loudness_lufs=_lufs(fields),
             )
             return
         code, text = _str(fields, "code"), _str(fields, "message")
@@ -1157,7 +1168,7 @@ class SharedChannel:
         started = time.perf_counter()
         # Marks are always taken from an engine that has them (cheap: ~0.6 ms of CPU a second
         # of audio): listeners on any server may ask for them, and a replay carries them.
-        chunks, kinds = speak_marked_in(_aligned(engine), line.text, voice)  # runs when read
+        chunks, kinds = speak_marked_in(engine, line.text, voice)  # runs when read
         if not await self._anote(
             key, "t", "start", "key", key, "replayed", int(replayed),
             "voice", line.voice or "", "marks", ",".join(kinds), "line", stored.pack(),
@@ -1165,6 +1176,7 @@ class SharedChannel:
             return  # the lease went meanwhile: the new speaker speaks it
         cap = AudioCap(self.hub.max_message_audio_s, engine.sample_rate)
         spoken, ttfa, piece = 0, None, int(PIECE_S * engine.sample_rate)
+        loudness = MessageLoudness(engine.sample_rate)
         try:
             while not speaking.stop.is_set():
                 marked = await anext_chunk(chunks, speaking.stop)
@@ -1179,6 +1191,7 @@ class SharedChannel:
                         approximate=True,
                     )
                 spoken += len(chunk)
+                loudness.feed(chunk)
                 for at in range(0, len(chunk), piece):
                     pcm = to_s16le(chunk[at : at + piece])
                     await self.hub._redis.xadd(
@@ -1206,6 +1219,7 @@ class SharedChannel:
             "truncated", int(cap.reached),
             "ttfa_ms", round((ttfa or 0.0) * 1000, 3),
             "duration_ms", round(spoken * 1000 / engine.sample_rate, 3),
+            "loudness_lufs", "" if (lufs := await loudness.alufs()) is None else lufs,
         )  # fmt: skip
 
     async def _avoice(self, stored: _Stored, speaking: _Speaking) -> ResolvedVoice | None:
@@ -1234,16 +1248,6 @@ class SharedChannel:
 
 
 _NO_PCM: Final = np.zeros(0, dtype=np.float32)
-
-
-def _aligned(engine: SpeechEngine) -> SpeechEngine:
-    """The engine that knows when each phoneme is spoken: ``engine`` itself, or the one it
-    wraps (the rendered-audio cache stores audio, not alignments: a channel line is always
-    synthesized, so its marks exist for every listener and for the replay)."""
-    inner: SpeechEngine | None = getattr(engine, "inner", None)
-    if inner is not None and getattr(engine, "stream_marked", None) is None:
-        return inner if getattr(inner, "aligned", False) else engine
-    return engine
 
 
 def _samples(pcm: bytes) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 from protocol.errors import LivevoiceError, SynthesisFailed
 from protocol.state import ServerProtocol, SpeakJob
 
+from .loudness import MessageLoudness
 from .marks import Marks, MouthEnvelope
 from .pcm import AudioCap, PcmFramer
 from .pinned import PinnedVoice
@@ -88,6 +89,7 @@ class Speaker:
         await self._flush()
         framer = PcmFramer(engine.sample_rate, rate, self.frame_ms)
         cap = AudioCap(self.max_message_audio_s, engine.sample_rate)
+        loudness = MessageLoudness(engine.sample_rate)
         started = time.perf_counter()
         ttfa: float | None = None
 
@@ -102,7 +104,8 @@ class Speaker:
 
         try:
             while (chunk := await self._anext_chunk(chunks, job)) is not None:
-                for frame in framer.feed(cap.take(chunk)):
+                loudness.feed(chunk := cap.take(chunk))
+                for frame in framer.feed(chunk):
                     if not await send(frame):
                         break
                 if cap.reached:
@@ -114,7 +117,12 @@ class Speaker:
             await send(tail)
         if ttfa is not None:
             self._on_ttfa(ttfa)
-        self._protocol.end_audio(job, ttfa_ms=round((ttfa or 0.0) * 1000, 3), truncated=cap.reached)
+        self._protocol.end_audio(
+            job,
+            ttfa_ms=round((ttfa or 0.0) * 1000, 3),
+            truncated=cap.reached,
+            loudness_lufs=await loudness.alufs(),
+        )
 
     async def _anext_chunk(
         self, chunks: AsyncGenerator[np.ndarray, None], job: SpeakJob

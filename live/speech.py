@@ -117,28 +117,45 @@ def phoneme_pieces(phonemes: Sequence[str], limit: int = MAX_PHONEMES) -> list[l
 def speak_in(
     engine: SpeechEngine, text: str, voice: ResolvedVoice
 ) -> AsyncGenerator[np.ndarray, None]:
-    """``engine.stream`` for ``text`` in ``voice``: matched when the voice carries a profile;
-    without one no ``profile`` is passed, so engines from before matching work as they did."""
-    if voice.profile is None:
-        return engine.stream(text, voice.embedding)
-    return engine.stream(text, voice.embedding, profile=voice.profile)
+    """``engine.stream`` for ``text`` in ``voice`` (see :func:`stream_of`)."""
+    return stream_of(engine, text, voice.embedding, voice.profile)
+
+
+def stream_of(
+    engine: SpeechEngine, text: str, embedding: Embedding, profile: VoiceProfile | None
+) -> AsyncGenerator[np.ndarray, None]:
+    """``engine.stream``, matched when there is a profile; without one no ``profile`` is
+    passed, so engines from before matching work as they did."""
+    if profile is None:
+        return engine.stream(text, embedding)
+    return engine.stream(text, embedding, profile=profile)
 
 
 def speak_marked_in(
     engine: SpeechEngine, text: str, voice: ResolvedVoice
 ) -> tuple[AsyncGenerator[MarkedChunk, None], tuple[str, ...]]:
-    """``speak_in`` with marks, and the mark kinds they carry: an engine that has
+    """``speak_in`` with marks (see :func:`marked_stream_of`)."""
+    return marked_stream_of(engine, text, voice.embedding, voice.profile)
+
+
+def marked_stream_of(
+    engine: SpeechEngine, text: str, embedding: Embedding, profile: VoiceProfile | None
+) -> tuple[AsyncGenerator[MarkedChunk, None], tuple[str, ...]]:
+    """``stream_of`` with marks, and the mark kinds they carry: an engine that has
     ``stream_marked`` (phoneme alignments) gives words and visemes; any other its bare chunks,
     for which the caller computes the mouth only."""
     marked = getattr(engine, "stream_marked", None)
     if marked is None or not getattr(engine, "aligned", False):
-        return _bare(speak_in(engine, text, voice)), ("mouth",)
-    if voice.profile is None:
-        return marked(text, voice.embedding), ALIGNED_MARKS
-    return marked(text, voice.embedding, profile=voice.profile), ALIGNED_MARKS
+        return unmarked(stream_of(engine, text, embedding, profile)), ("mouth",)
+    if profile is None:
+        return marked(text, embedding), ALIGNED_MARKS
+    return marked(text, embedding, profile=profile), ALIGNED_MARKS
 
 
-async def _bare(chunks: AsyncGenerator[np.ndarray, None]) -> AsyncGenerator[MarkedChunk, None]:
+async def unmarked(
+    chunks: AsyncGenerator[np.ndarray, None],
+) -> AsyncGenerator[MarkedChunk, None]:
+    """Bare chunks as marked ones without marks."""
     try:
         async for chunk in chunks:
             yield MarkedChunk(chunk)
@@ -204,6 +221,7 @@ class PiperEngine:
         workers: int = 2,
         use_cuda: bool = False,
         max_phonemes: int = MAX_PHONEMES,
+        peak_normalize: bool = True,
     ) -> None:
         import onnxruntime
         from piper import PiperVoice
@@ -229,6 +247,12 @@ class PiperEngine:
         self._voice = PiperVoice(session=session, config=config)
         self.sample_rate = int(config.sample_rate)
         self.max_phonemes = max_phonemes
+        self.peak_normalize = peak_normalize
+        """Scale each inference to a peak of 1.0, as Piper's own ``synthesize`` does. Off
+        under a loudness target (``live.loudness``): the model's own level varies ~1 LU from
+        sentence to sentence, its peak-normalised output ~4.5 LU (measured on chat lines)."""
+        if not peak_normalize:
+            self.name = "piper-unnormalized"  # another level: rendered lines are not shared
         self._session = session
         self._keep_arena = onnxruntime.RunOptions()
         self._shrink_arena = onnxruntime.RunOptions()
@@ -385,6 +409,8 @@ class PiperEngine:
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         if peak < 1e-8:
             return np.zeros_like(audio), id_samples
+        if not self.peak_normalize:
+            return np.clip(audio, -1.0, 1.0), id_samples
         normalized: np.ndarray = np.clip(audio / peak, -1.0, 1.0)
         return normalized, id_samples
 

@@ -388,6 +388,10 @@ class AudioEnd(Message):
     (``max_message_audio_s``): the rest of its text was not spoken."""
     channel: str | None = None
     """Set on a listener's stream of a channel's message (as in its ``audio.start``)."""
+    loudness_lufs: float | None = None
+    """The message's integrated loudness as sent (ITU-R BS.1770, LUFS), measured on all of
+    its audio; audio under 400 ms is measured as one block of its own length. Absent when
+    nothing audible was sent, or the server does not measure."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -240,6 +240,7 @@ def _audio_end(
     cancelled: bool,
     truncated: bool,
     channel: str | None = None,
+    loudness_lufs: float | None = None,
 ) -> AudioEnd:
     """The ``audio.end`` of a stream, its duration counted from the samples sent (R10)."""
     return AudioEnd(
@@ -252,6 +253,7 @@ def _audio_end(
         cancelled=cancelled,
         truncated=truncated,
         channel=channel,
+        loudness_lufs=loudness_lufs,
     )
 
 
@@ -699,7 +701,13 @@ class ServerProtocol:
         return list(self._channel_jobs.values())
 
     def channel_spoken(
-        self, job: SpeakJob, *, duration_ms: float, ttfa_ms: float, truncated: bool = False
+        self,
+        job: SpeakJob,
+        *,
+        duration_ms: float,
+        ttfa_ms: float,
+        truncated: bool = False,
+        loudness_lufs: float | None = None,
     ) -> None:
         """The producer's completion of a channel message whose audio went to the listeners:
         ``audio.end`` with ``stream: 0`` and no frames (R13)."""
@@ -714,6 +722,7 @@ class ServerProtocol:
             ttfa_ms=ttfa_ms,
             cancelled=job.cancelled,
             truncated=truncated,
+            loudness_lufs=loudness_lufs,
         )
         self._end(job, end, "cancelled" if job.cancelled else "spoken")
 
@@ -804,7 +813,13 @@ class ServerProtocol:
         heard.samples += len(pcm) // 2
 
     def listen_end(
-        self, heard: ListenStream, *, ttfa_ms: float, cancelled: bool, truncated: bool = False
+        self,
+        heard: ListenStream,
+        *,
+        ttfa_ms: float,
+        cancelled: bool,
+        truncated: bool = False,
+        loudness_lufs: float | None = None,
     ) -> None:
         if heard.ended:
             return
@@ -820,6 +835,7 @@ class ServerProtocol:
                 cancelled=cancelled,
                 truncated=truncated,
                 channel=heard.channel,
+                loudness_lufs=loudness_lufs,
             )
         )
 
@@ -902,7 +918,14 @@ class ServerProtocol:
         if self.state is not SessionState.CLOSED:
             self._out.append(frame.encode())
 
-    def end_audio(self, job: SpeakJob, *, ttfa_ms: float, truncated: bool = False) -> None:
+    def end_audio(
+        self,
+        job: SpeakJob,
+        *,
+        ttfa_ms: float,
+        truncated: bool = False,
+        loudness_lufs: float | None = None,
+    ) -> None:
         """The job's audio is complete (or stopped by cancel): ``audio.end`` (R10)."""
         if job.ended or job.stream is None or job.sample_rate is None:
             return
@@ -915,6 +938,7 @@ class ServerProtocol:
             ttfa_ms=ttfa_ms,
             cancelled=job.cancelled,
             truncated=truncated,
+            loudness_lufs=loudness_lufs,
         )
         self._end(job, end, "cancelled" if job.cancelled else "spoken")
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from live.encoder import EncoderWorker, SpeakerEncoder
+from live.loudness import LoudnessEngine
 from live.metrics import Metrics
 from live.pcm import to_s16le
 from live.redis_tier import RedisTier, rendered_key
@@ -283,3 +284,37 @@ async def test_the_cache_is_on_with_redis_and_can_be_turned_off(
                 assert (served.inner if isinstance(served, RenderedSpeech) else served) is engine
         finally:
             await worker.aclose()
+
+
+async def test_a_line_keeps_its_marks_in_the_cache_and_through_the_loudness_target(
+    redis_server: RedisServer, piper: PiperEngine
+) -> None:
+    """Under the rendered-audio cache and the loudness wrapper (as ``livevoice serve`` composes
+    them) a line still comes with Piper's word marks: synthesized, then from the cache (the
+    same marks, no engine call); a line stored without marks is a miss for a marked stream."""
+    assert piper.aligned
+    voice = a_voice(7)
+    text = "Thanks for the follow, welcome in."
+    async with cached(piper, redis_server.url) as speech:
+        levelled = LoudnessEngine(speech, target_lufs=-16.0, ceiling_dbtp=-1.0)
+
+        async def marked() -> tuple[list[str], int]:
+            async with contextlib.aclosing(levelled.stream_marked(text, voice)) as chunks:
+                got = [chunk async for chunk in chunks]
+            await speech.adrain()
+            return [w.text for c in got for w in c.words], sum(len(c.pcm) for c in got)
+
+        assert levelled.aligned and speech.aligned
+        words, samples = await marked()
+        assert words == ["Thanks", "for", "the", "follow", "welcome", "in"]
+        misses = _value(speech.metrics, "livevoice_rendered_lookups_total", outcome="miss")
+        again, samples_again = await marked()
+        assert again == words and samples_again == samples
+        hits = _value(speech.metrics, "livevoice_rendered_lookups_total", outcome="hit")
+        assert hits >= 1
+        assert _value(speech.metrics, "livevoice_rendered_lookups_total", outcome="miss") == misses
+        # A line cached by a plain stream has no marks: a marked stream synthesizes it again.
+        await say(speech, "A plain line.", voice)
+        async with contextlib.aclosing(speech.stream_marked("A plain line.", voice)) as chunks:
+            plain = [chunk async for chunk in chunks]
+        assert [w.text for c in plain for w in c.words] == ["A", "plain", "line"]

@@ -124,6 +124,7 @@ export const SERVER_MESSAGES = {
     F("cancelled", "bool", false, () => false),
     F("truncated", "bool", false, () => false),
     F("channel", "str"),
+    F("loudness_lufs", "float"),
   ],
   cancelled: [F("id", "str", true)],
   pong: [F("id", "str")],
