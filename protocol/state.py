@@ -227,6 +227,9 @@ class ListenStream:
     ended: bool = False
     message: str | None = None
     marks: bool = False
+    offset: int = 0
+    """Samples of the message before this stream's first (a resumed listener's, R18): what a
+    ``played`` position is counted from in the message (R20)."""
 
 
 def _audio_end(
@@ -358,6 +361,8 @@ class ServerProtocol:
         self._heard: dict[int, ListenStream] = {}
         """R20: the listener's recent streams, by number, for ``played``."""
         self._played_at = float("-inf")
+        self._frame_ms = 100
+        """The frame length `ready` announced (a resumed stream's offset counts in frames)."""
         self._out: list[str | bytes] = []
         self._ended: list[tuple[SpeakJob, str]] = []
         self._errors: list[str] = []
@@ -507,6 +512,7 @@ class ServerProtocol:
             "default_sample_rate": default_sample_rate,
             "frame_ms": frame_ms,
         }
+        self._frame_ms = frame_ms
         self._send(Ready(session_id=session_id, limits=limits, formats=formats))
 
     # --- voices (R3, R4, R6) ------------------------------------------------------------------
@@ -758,6 +764,7 @@ class ServerProtocol:
             member.sample_rate,
             message=message,
             marks=member.marks and bool(marks),
+            offset=resumed_from * (member.sample_rate * self._frame_ms // 1000),
         )
         self._heard[heard.stream] = heard
         while len(self._heard) > PLAYED_STREAMS:
@@ -797,7 +804,7 @@ class ServerProtocol:
         if now - self._played_at < PLAYED_INTERVAL_S:
             return None
         self._played_at = now
-        return heard.message, round(played.samples * 1000 / heard.sample_rate, 1)
+        return heard.message, round((heard.offset + played.samples) * 1000 / heard.sample_rate, 1)
 
     def channel_played(self, message: str, ms: float) -> None:
         """Another listener's position in a channel message (R20)."""

@@ -23,10 +23,17 @@ from live.speech import MarkedChunk, PiperEngine
 from live.testing.redis_server import RedisServer
 from protocol import AudioFrame, ClientProtocol
 from protocol.client import ChannelHeardEnded, ChannelHeardStarted, HeardMarks, PositionHeard
-from protocol.messages import AudioEnd, AudioMarks, AudioStart, ChannelJoined, ChannelPlayed
+from protocol.messages import (
+    AudioEnd,
+    AudioMarks,
+    AudioStart,
+    ChannelJoined,
+    ChannelPlayed,
+    Played,
+)
 from tests.fakes import GatedEngine
 from tests.server import RawClient, live_server, raw_client, until_message
-from tests.test_channels import is_type, producer
+from tests.test_channels import is_type, joined_protocol, producer
 
 pytestmark = pytest.mark.timeout(300)
 Started = ChannelHeardStarted
@@ -322,3 +329,18 @@ def test_the_client_protocol_reads_marks_and_positions() -> None:
     )
     assert isinstance(played, PositionHeard)
     assert played.played == ChannelPlayed(channel="main", message="7", ms=250.0)
+
+
+def test_a_resumed_listeners_position_counts_from_the_start_of_the_message() -> None:
+    """R20 after R18: a stream that began at frame ``resumed_from`` of its message reports its
+    played samples from there; the relayed position is in the whole message."""
+    proto = joined_protocol("listen", 24000)
+    proto.accept_hello(session_id="s", limits={}, default_sample_rate=22050, frame_ms=100)
+    whole = proto.listen_start(id="m1", text="hi", voice=None, user=None, kind=None, message="7")
+    resumed = proto.listen_start(
+        id="m1", text="hi", voice=None, user=None, kind=None, message="8", resumed_from=5
+    )
+    assert whole is not None and resumed is not None
+    assert proto.played(Played(stream=whole.stream, samples=2400), now=10.0) == ("7", 100.0)
+    # frames 0-4 of message 8 (5 x 2400 samples at 24 kHz) came before this stream's first
+    assert proto.played(Played(stream=resumed.stream, samples=2400), now=20.0) == ("8", 600.0)

@@ -15,7 +15,14 @@ import pytest_asyncio
 from live.encoder import EncoderWorker, SpeakerEncoder
 from live.speech import PiperEngine
 from live.testing.redis_server import RedisServer
-from protocol.messages import AudioEnd, AudioStart, ChannelJoined, ChannelState, Message
+from protocol.messages import (
+    AudioEnd,
+    AudioStart,
+    ChannelJoined,
+    ChannelPlayed,
+    ChannelState,
+    Message,
+)
 from tests.clips import reference_clip, wav_bytes
 from tests.server import LiveServer, RawClient, live_server, raw_client, until_message
 
@@ -471,9 +478,11 @@ async def test_overlay_on_server_b_plays_what_a_bot_on_server_a_says_and_resumes
         live_server(embedder=EncoderWorker(speaker_encoder), engine=piper, redis_url=url) as a,
         live_server(embedder=EncoderWorker(speaker_encoder), engine=piper, redis_url=url) as b,
         raw_client(a) as bot,
+        raw_client(a) as bridge,
         async_api.async_playwright() as pw,
     ):
         await channel_bot(bot)
+        await channel_bot(bridge, "listen")  # as a VTube Studio bridge listens
         browser = await pw.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page(viewport={"width": 800, "height": 240})
@@ -495,6 +504,12 @@ async def test_overlay_on_server_b_plays_what_a_bot_on_server_a_says_and_resumes
                 page,
                 "window.livevoice.channel.position && window.livevoice.channel.position.seq >= 10",
             )
+            # What the page played reaches the bridge on the other server (R20).
+            position = await until_message(
+                bridge, lambda m: isinstance(m, ChannelPlayed) and m.ms > 0
+            )
+            assert isinstance(position, ChannelPlayed)
+            assert position.message == (await hooks(page))["channel"]["position"]["message"]
             await page.reload()  # the OBS source refreshed mid-line
             await wait_for(page, OVERLAY_JOINED)
             state = await hooks(page)

@@ -252,6 +252,8 @@ export const channelClear = (id) => encode({ type: "channel.clear", id });
 export const channelFilter = (words, { action, links, id } = {}) =>
   encode({ type: "channel.filter", words, action, links, id });
 export const cancel = (id) => encode({ type: "cancel", id });
+/** A listener's playback position (R20): samples of `stream` it has actually played. */
+export const played = (stream, samples) => encode({ type: "played", stream, samples });
 export const ping = (id) => encode({ type: "ping", id });
 
 const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;

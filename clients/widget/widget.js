@@ -135,12 +135,26 @@ function savePosition(position) {
 }
 
 /** The worklet played `played` samples of a heard track: its frames played whole are heard. */
-function notePlayed(s, played) {
+function notePlayed(s, played, track) {
   if (!hooks.channel || !listens || s.message == null) return;
   while (s.playedFrames < s.frameEnds.length && s.frameEnds[s.playedFrames] <= played) s.playedFrames += 1;
   const seq = s.resumedFrom + s.playedFrames - 1;
   const p = hooks.channel.position;
   if (!p || p.message !== s.message || p.seq !== seq) savePosition({ message: s.message, seq });
+  reportPlayed(s, played, track);
+}
+
+// What this page (the OBS source) has played goes to the server a few times a second (R20), which
+// passes it to the channel's other listeners: a VTube Studio bridge follows what the audience hears.
+const PLAYED_EVERY_MS = 250;
+let playedSentAt = -Infinity;
+function reportPlayed(s, played, track) {
+  const now = performance.now();
+  if (now - playedSentAt < PLAYED_EVERY_MS || !ws || ws.readyState !== WebSocket.OPEN) return;
+  if (sessionTracks.get(s.stream) !== track) return; // a stream of a socket that closed since
+  playedSentAt = now;
+  send(lv.played(s.stream, Math.max(0, Math.round(played))));
+  hooks.counters.playedReports = (hooks.counters.playedReports ?? 0) + 1;
 }
 
 if (hooks.channel && listens) hooks.channel.position = loadPosition();
@@ -207,7 +221,7 @@ function onPlayer(msg) {
   const s = hooks.tracks[msg.track];
   if (!s) return;
   const m = hooks.messages[s.id];
-  if (msg.type === "started" || msg.type === "played" || msg.type === "finished") notePlayed(s, msg.played ?? 0);
+  if (msg.type === "started" || msg.type === "played" || msg.type === "finished") notePlayed(s, msg.played ?? 0, msg.track);
   if (msg.type === "started") s.clock = { played: 0, frame: msg.frame };
   else if (msg.type === "played" && msg.frame != null) s.clock = { played: msg.played, frame: msg.frame };
   if (msg.type === "played") return; // every 50 ms: nothing to draw
