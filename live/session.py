@@ -223,6 +223,9 @@ class Session:
         task = asyncio.ensure_future(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # Cancelled before it ran (the session closing): ``work`` was never started; closing
+        # it says so, instead of a "never awaited" warning. A no-op once it ran.
+        task.add_done_callback(lambda _: work.close())
 
     # --- dispatch ---------------------------------------------------------------------------
     async def _aon_text(self, data: str) -> None:
