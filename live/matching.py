@@ -350,6 +350,9 @@ def reshape_block(x: np.ndarray, sample_rate: int, m: Match) -> np.ndarray:
 
 
 # --- the Praat process pool ---------------------------------------------------------------------
+PRAAT_APART = True
+"""Whether Praat runs in the worker processes (the server) or in the caller's thread (a bench
+that counts its own process's CPU: the workers' would not show in it)."""
 _POOL: concurrent.futures.ProcessPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 T = TypeVar("T")
@@ -366,6 +369,8 @@ def in_praat(work: Callable[..., T], *args: Any) -> T:
     server), on first use; they end with the process.
     """
     global _POOL
+    if not PRAAT_APART:
+        return work(*args)
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = concurrent.futures.ProcessPoolExecutor(
