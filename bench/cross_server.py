@@ -20,10 +20,8 @@ first time). Times are ``time.monotonic()``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import datetime
 import os
 import signal
 import sys
@@ -44,7 +42,8 @@ from protocol.codec import AudioFrame
 from protocol.messages import AudioEnd, AudioStart, Speak
 
 from .fanout_client import _ajoin
-from .harness import ROOT, UNTHROTTLED, WsSession, loadavg, machine
+from .harness import ROOT, UNTHROTTLED, WsSession
+from .standalone import run_standalone
 
 BEGIN, END = "<!-- bench:cross_server -->", "<!-- /bench:cross_server -->"
 INTERVAL_S = 1.5
@@ -409,34 +408,16 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_docs(results: dict[str, Any], meta: dict[str, Any], doc: Path) -> Path:
-    """Rewrite this bench's section of ``doc`` (appended the first time); the rest is kept."""
-    from .report import replace_section
-
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    doc.write_text(replace_section(text, BEGIN, END, markdown(results, meta)))
-    return doc
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.cross_server", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="8 lines and 2 takeovers")
-    parser.add_argument("--docs", action="store_true", help="rewrite docs/benchmarks.md's section")
-    args = parser.parse_args(argv)
-    meta: dict[str, Any] = {
-        "command": " ".join(
-            ["python -m bench.cross_server", *(["--quick"] if args.quick else [])]
-            + (["--docs"] if args.docs else [])
-        ),
-        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-    }
-    began = time.monotonic()
-    results = asyncio.run(arun(args.quick))
-    meta["seconds"] = round(time.monotonic() - began)
-    meta["loadavg_at_end"] = loadavg()
-    if args.docs:
-        print(f"wrote {write_docs(results, meta, ROOT / 'docs' / 'benchmarks.md')}")
+    run_standalone(
+        "python -m bench.cross_server",
+        __doc__,
+        "8 lines and 2 takeovers",
+        arun,
+        markdown,
+        (BEGIN, END),
+        argv,
+    )
 
 
 if __name__ == "__main__":

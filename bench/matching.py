@@ -175,8 +175,8 @@ async def _arun_matching(
     done = {k: r for k, r in rows.items() if "plain_cosine" in r}
     human = done.get(HUMAN, {})
     identity = done.get(IDENTITY, {})
-    psola = [
-        r["plain_psola_cpu_per_audio_s"]
+    psola_costs: list[float] = [
+        float(r["plain_psola_cpu_per_audio_s"])
         for r in done.values()
         if "plain_psola_cpu_per_audio_s" in r
     ]
@@ -189,7 +189,7 @@ async def _arun_matching(
         "identity_cosine_change": (
             round(identity["matched_cosine"] - identity["plain_cosine"], 4) if identity else None
         ),
-        "psola_cpu_per_audio_s_max": max(psola) if psola else 0.0,
+        "psola_cpu_per_audio_s_max": max(psola_costs) if psola_costs else 0.0,
     }
     return {
         "summary": {k: v for k, v in summary.items() if v is not None},

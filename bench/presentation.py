@@ -25,10 +25,8 @@ which prints it; this bench does not run a browser (see the docs section).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import datetime
 import math
 import os
 import sys
@@ -53,7 +51,8 @@ from live.values import Embedding, Fingerprint, ResolvedVoice, VoiceProfile, Voi
 from protocol.client import HeardMarks, SpeechAudio, SpeechEnded, SpeechFailed
 from protocol.messages import Speak
 
-from .harness import ROOT, UNTHROTTLED, WsSession, loadavg, machine
+from .harness import ROOT, UNTHROTTLED, WsSession
+from .standalone import run_standalone
 
 BEGIN, END = "<!-- bench:presentation -->", "<!-- /bench:presentation -->"
 RATE = 48000
@@ -520,34 +519,16 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_docs(results: dict[str, Any], meta: dict[str, Any], doc: Path) -> Path:
-    """Rewrite this bench's section of ``doc`` (appended the first time, after section 9)."""
-    from .report import replace_section
-
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    doc.write_text(replace_section(text, BEGIN, END, markdown(results, meta)))
-    return doc
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.presentation", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 6")
-    parser.add_argument("--docs", action="store_true", help="rewrite docs/benchmarks.md's section")
-    args = parser.parse_args(argv)
-    meta: dict[str, Any] = {
-        "command": " ".join(
-            ["python -m bench.presentation", *(["--quick"] if args.quick else [])]
-            + (["--docs"] if args.docs else [])
-        ),
-        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-    }
-    began = time.monotonic()
-    results = asyncio.run(arun(args.quick))
-    meta["seconds"] = round(time.monotonic() - began)
-    meta["loadavg_at_end"] = loadavg()
-    if args.docs:
-        print(f"wrote {write_docs(results, meta, ROOT / 'docs' / 'benchmarks.md')}")
+    run_standalone(
+        "python -m bench.presentation",
+        __doc__,
+        "2 repeats instead of 6",
+        arun,
+        markdown,
+        (BEGIN, END),
+        argv,
+    )
 
 
 if __name__ == "__main__":
