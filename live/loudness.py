@@ -39,6 +39,7 @@ from scipy.signal import resample_poly
 from .marks import VisemeMark, WordMark
 from .speech import MarkedChunk, SpeechEngine, marked_stream_of, stream_of, unmarked
 from .values import Embedding, ResolvedVoice, VoiceProfile
+from .wrapped import WrappedEngine
 
 __all__ = [
     "REFERENCE_TEXT",
@@ -203,7 +204,7 @@ class TruePeakLimiter:
         return gains
 
 
-class LoudnessEngine:
+class LoudnessEngine(WrappedEngine):
     """A ``SpeechEngine`` whose every message reaches ``target_lufs``, under ``ceiling_dbtp``.
 
     Wraps ``inner`` (does not own it). A voice's gain is measured when a session pins the
@@ -310,30 +311,11 @@ class LoudnessEngine:
             gain = min(MAX_GAIN_DB, gain + self.target_lufs - after)
         return round(gain, 3)
 
-    @property
-    def aligned(self) -> bool:
-        """Whether lines come with word and viseme marks (the inner engine's alignments)."""
-        return bool(getattr(self.inner, "aligned", False))
-
-    async def stream(
-        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
-    ) -> AsyncGenerator[np.ndarray, None]:
-        async with contextlib.aclosing(self._levelled(text, voice, profile, False)) as chunks:
-            async for chunk in chunks:
-                yield chunk.pcm
-
-    async def stream_marked(
-        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
-    ) -> AsyncGenerator[MarkedChunk, None]:
-        """``stream`` with the inner engine's marks: the gain moves no sample, and what the
-        limiter holds back (~15 ms) leaves a chunk's marks just ahead of its audio."""
-        async with contextlib.aclosing(self._levelled(text, voice, profile, True)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def _levelled(
+    async def _chunks(
         self, text: str, voice: Embedding, profile: VoiceProfile | None, marked: bool
     ) -> AsyncGenerator[MarkedChunk, None]:
+        """The line at the target loudness. Marks pass through: the gain moves no sample, and
+        what the limiter holds back (~15 ms) leaves a chunk's marks just ahead of its audio."""
         gain = await self.again_db(voice, profile)
         limiter = TruePeakLimiter(self.sample_rate, gain_db=gain, ceiling_dbtp=self.ceiling_dbtp)
         if marked:

@@ -34,6 +34,7 @@ from .pcm import to_s16le
 from .redis_tier import DOWN, RedisTier
 from .speech import MarkedChunk, SpeechEngine, marked_stream_of, stream_of, unmarked
 from .values import Embedding, VoiceProfile
+from .wrapped import WrappedEngine
 
 __all__ = ["RenderedSpeech", "decode_rendered", "encode_rendered"]
 
@@ -89,7 +90,7 @@ def decode_rendered(raw: bytes, sample_rate: int) -> Rendered | None:
         return None
 
 
-class RenderedSpeech:
+class RenderedSpeech(WrappedEngine):
     """A ``SpeechEngine`` that serves repeated lines from Redis and synthesizes the rest with
     ``inner``. It does not own ``inner`` (whoever built it closes it)."""
 
@@ -138,30 +139,12 @@ class RenderedSpeech:
             h.update(part)
         return h.hexdigest()
 
-    @property
-    def aligned(self) -> bool:
-        """Whether lines come with word and viseme marks (the inner engine's alignments)."""
-        return bool(getattr(self.inner, "aligned", False))
-
-    async def stream(
-        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
-    ) -> AsyncGenerator[np.ndarray, None]:
-        async with contextlib.aclosing(self._serve(text, voice, profile, False)) as chunks:
-            async for chunk in chunks:
-                yield chunk.pcm
-
-    async def stream_marked(
-        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
-    ) -> AsyncGenerator[MarkedChunk, None]:
-        """``stream`` with the line's marks (an aligned inner engine): a hit stored with its
-        marks gives them all with its first chunk; one stored without them is a miss."""
-        async with contextlib.aclosing(self._serve(text, voice, profile, True)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def _serve(
+    async def _chunks(
         self, text: str, voice: Embedding, profile: VoiceProfile | None, marked: bool
     ) -> AsyncGenerator[MarkedChunk, None]:
+        """The line from the cache, or from ``inner`` (then kept). A hit stored with its marks
+        gives them all with its first chunk; one stored without them is a miss when marks are
+        asked for."""
         key = self.render_key(text, voice, profile=None if profile is None else repr(profile))
         raw = await self.tier.aget_rendered(key, self.ttl_s)
         if raw is DOWN:
