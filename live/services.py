@@ -152,7 +152,11 @@ async def aservices(
             checks.append(ReadinessCheck("encoder", _alive(embedder)))
         if engine is None:
             engine = await asyncio.to_thread(
-                PiperEngine, workers=settings.tts_workers, use_cuda=settings.device == "cuda"
+                PiperEngine,
+                workers=settings.tts_workers,
+                use_cuda=settings.device == "cuda",
+                first_audio_s=settings.first_audio_target_s,
+                first_cut_words=settings.first_cut_words,
             )
             stack.push_async_callback(close_logged, "speech engine", engine.aclose)
             log.info("speech engine %s at %d Hz", engine.name, engine.sample_rate)
