@@ -60,6 +60,7 @@ R = TypeVar("R")
 """What one inference gives (PCM)."""
 
 _END = object()
+_NOTHING = object()
 
 
 class _Stream(Generic[S, R]):
@@ -73,12 +74,15 @@ class _Stream(Generic[S, R]):
         "running",
         "seconds",
         "segments",
+        "upcoming",
     )
 
     def __init__(
         self, segments: Iterator[S], deadline: float, deliver: Callable[[object], None]
     ) -> None:
         self.segments = segments
+        self.upcoming: object = _NOTHING
+        """The next segment, taken from ``segments`` right after the one before it was done."""
         self.deadline = deadline
         """When the listener runs out of audio: the next segment must be ready by then."""
         self.heard_from: float | None = None
@@ -223,45 +227,56 @@ class SynthesisScheduler(Generic[S, R]):
             if taken is None:
                 return
             stream, threads = taken
-            outcome: object
+            segment, stream.upcoming = stream.upcoming, _NOTHING
+            result: object = _NOTHING
+            error: BaseException | None = None
+            last = False
             try:
-                segment = next(stream.segments)
+                if segment is _NOTHING:
+                    segment = next(stream.segments)
+                result = self._run(cast(S, segment), threads)
+                if not stream.cancelled:
+                    # Taken now, on this worker: the stream's end is known as soon as its last
+                    # audio is, and a pending stream always has a segment to synthesize.
+                    stream.upcoming = next(stream.segments)
             except StopIteration:
-                outcome = _END
-            except BaseException as exc:  # the stream's error, for its consumer
-                outcome = exc
-            else:
-                try:
-                    outcome = self._run(segment, threads)
-                except BaseException as exc:
-                    outcome = exc
-            self._finish(stream, threads, outcome)
+                last = True
+            except BaseException as exc:  # the stream's error, for its consumer alone
+                error = exc
+            self._finish(stream, threads, result, error, last=last)
 
-    def _finish(self, stream: _Stream[S, R], threads: int, outcome: object) -> None:
-        ended = outcome is _END or isinstance(outcome, BaseException)
-        seconds = 0.0 if ended else self._seconds(outcome)  # type: ignore[arg-type]
+    def _finish(
+        self,
+        stream: _Stream[S, R],
+        threads: int,
+        result: object,
+        error: BaseException | None,
+        *,
+        last: bool,
+    ) -> None:
         with self._cond:
             self._free += threads
             stream.running = False
-            if not stream.cancelled and not ended:
-                if stream.heard_from is None or stream.seconds == 0.0:
+            ended = last or error is not None or self._closed
+            if result is not _NOTHING and not stream.cancelled:
+                if stream.seconds == 0.0:
                     # playback starts when the first audio is ready (or the earlier audio ends)
                     stream.heard_from = max(stream.heard_from or 0.0, self._clock())
-                stream.seconds += seconds
-                stream.deadline = stream.heard_from + stream.seconds
-                if not self._closed:
-                    self._submit(stream)
-                else:
-                    ended = True
-            self._cond.notify()
+                stream.seconds += self._seconds(cast(R, result))
+                stream.deadline = (stream.heard_from or 0.0) + stream.seconds
+            if not ended and not stream.cancelled:
+                self._submit(stream)
+            self._cond.notify_all()  # slots freed: every idle worker looks again
             cancelled = stream.cancelled
         if cancelled:
             self._close_iterator(stream)
             return
-        stream.deliver(outcome)
-        if ended and outcome is not _END:
-            stream.deliver(_END)
+        if result is not _NOTHING:
+            stream.deliver(result)
+        if error is not None:
+            stream.deliver(error)
         if ended:
+            stream.deliver(_END)
             self._close_iterator(stream)
 
     @staticmethod
