@@ -100,8 +100,11 @@ class SynthesisScheduler(Generic[S, R]):
     """Earliest-deadline-first workers over ``cores`` thread slots.
 
     ``run(segment, threads)`` is one inference on ``threads`` intra-op threads; ``seconds(result)``
-    is the audio it made. Both are called on worker threads; the iterators given to ``stream`` are
-    advanced there too, one step at a time per stream.
+    is the audio it made; ``cost(segment)``, an estimate of the inference's seconds on one thread.
+    A segment must be *finished* by its deadline, so it is ordered by its latest start (deadline
+    less cost): of two sentences due at nearly the same moment, the longer starts first. All
+    three are called on worker threads; the iterators given to ``stream`` are advanced there too,
+    one step at a time per stream.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class SynthesisScheduler(Generic[S, R]):
         run: Callable[[S, int], R],
         seconds: Callable[[R], float],
         *,
+        cost: Callable[[S], float] = lambda segment: 0.0,
         cores: int = 2,
         first_audio_s: float = 0.15,
         clock: Callable[[], float] = time.monotonic,
@@ -118,6 +122,7 @@ class SynthesisScheduler(Generic[S, R]):
             raise ValueError(f"cores must be at least 1, not {cores}")
         self._run = run
         self._seconds = seconds
+        self._cost = cost
         self.cores = cores
         self.first_audio_s = first_audio_s
         """A new stream's first segment is due this long after it is submitted."""
@@ -190,8 +195,13 @@ class SynthesisScheduler(Generic[S, R]):
             self._close_iterator(stream)
 
     def _submit(self, stream: _Stream[S, R]) -> None:
-        """Under the lock: the stream's next segment is due at ``stream.deadline``."""
-        heapq.heappush(self._pending, (stream.deadline, next(self._order), stream))
+        """Under the lock: the stream's next segment is due at ``stream.deadline``, so it must
+        start by then less what it costs (a first segment's cost is not known yet: it is
+        taken from its iterator on a worker)."""
+        start_by = stream.deadline
+        if stream.upcoming is not _NOTHING:
+            start_by -= self._cost(cast(S, stream.upcoming))
+        heapq.heappush(self._pending, (start_by, next(self._order), stream))
         self._cond.notify()
 
     def _cancel(self, stream: _Stream[S, R]) -> None:

@@ -140,6 +140,37 @@ async def test_a_stream_far_ahead_of_its_listener_waits_for_a_new_message() -> N
     scheduler.close()
 
 
+async def test_of_two_segments_due_together_the_costlier_starts_first() -> None:
+    inference = Inference()
+    costs = {"short2": 0.1, "long2": 1.0}
+    scheduler: SynthesisScheduler[str, str] = SynthesisScheduler(
+        inference,
+        lambda segment: 1.0,
+        cost=lambda segment: costs.get(segment, 0.0),
+        cores=1,
+        first_audio_s=_FIRST,
+        clock=lambda: _NOW,
+    )
+    inference.hold("short1")
+    short = _consume(scheduler, iter(["short1", "short2"]), deadline=_NOW)
+    await inference.aentered("short1")
+    inference.hold("long1")
+    long = _consume(scheduler, iter(["long1", "long2"]), deadline=_NOW)
+    await until_true(lambda: scheduler.waiting == 1, "long1 waiting")
+    inference.release("short1")
+    await inference.aentered("long1")
+    # short2 is due at +1 s (short1's audio) less 0.1 s; long2 will be due at +1 s less 1 s.
+    await until_true(lambda: scheduler.waiting == 1, "short2 waiting")
+    inference.release("long1")
+
+    assert await asyncio.wait_for(asyncio.gather(short, long), 30) == [
+        ["short1", "short2"],
+        ["long1", "long2"],
+    ]
+    assert inference.order() == ["short1", "long1", "long2", "short2"]
+    scheduler.close()
+
+
 async def test_a_stream_has_one_segment_pending_and_its_next_is_taken_after(
     inference: Inference,
 ) -> None:
