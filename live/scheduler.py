@@ -10,6 +10,10 @@ audio, and free cores take the earliest such deadline:
 - every later one: when the audio already produced runs out, i.e. playback start (the first
   segment ready, or the hint if later) plus the seconds synthesized so far.
 
+A segment must be *finished* by its deadline, so the order is by latest start: the deadline less
+the segment's estimated inference time (known once it is phonemized, which happens right after
+the segment before it).
+
 A stream is an iterator of segments with only ONE segment pending at a time: the next is taken
 from the iterator when the previous is done. A stream far ahead of its listener therefore holds
 no queue of work; its next segment simply carries a late deadline and waits while anything more
@@ -19,8 +23,9 @@ on the event loop.
 
 Threads, the way the load needs them. An onnxruntime session runs an inference on its
 ``intra_op_num_threads``; two sessions of one model file with different settings share the
-machine. Measured on this 2-core machine (Piper joe medium, three chat sentences of 3-4 s,
-``/tmp/h12b/rtf.py`` in the issue 12 notes; the machine was shared, figures ±5 %):
+machine. Measured on this 2-core machine (Piper joe medium, onnxruntime 1.32, three chat
+sentences of 3.0-3.9 s synthesized 8 times over, two runs; the pair is two Python threads on
+the 1-thread session; the machine was shared, so ±5 %):
 
 ==========================================  ==========================================
 one 1-thread job alone                      RTF 0.074-0.079

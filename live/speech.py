@@ -128,26 +128,37 @@ FIRST_CUT_WORDS = 8
 """A message's first sentence longer than this (in words) is cut at its first clause boundary.
 
 Measured here (2-thread inference, shared 2-core machine): an inference costs ~30 ms whatever its
-length plus ~40 ms per second of audio; 4 words take ~60 ms, 8 words ~100 ms, 16 words ~160 ms,
-24 words ~240 ms. Cutting an 8-word sentence saves ~40 ms of first audio for ~30 ms more CPU;
-cutting a 20-word one saves ~140 ms.
+length plus ~40-50 ms per second of audio; 4 words take ~60 ms, 8 words ~100 ms, 16 words
+~160 ms, 24 words ~240 ms. Cutting an 8-word sentence saves ~40 ms of first audio for ~30 ms
+more CPU; cutting a 20-word one saves ~140 ms. "Welcome in, grab a seat and say hi to everyone
+in chat." gives its first audio after 46 ms cut, 175-190 ms whole; "Okay chat, one more round
+and then we take a break." 45 ms against 155-163 ms.
 """
-MIN_HEAD_WORDS = 3
-"""The first piece of a cut keeps at least this many words (~1 s of audio): enough time for the
-rest of the sentence (at most 192 phonemes, ~200 ms of inference on one core) to be ready before
-the listener reaches it."""
+MIN_HEAD_WORDS = 2
+"""The first piece of a cut keeps at least this many words ("Welcome in," is ~0.8 s of audio)."""
+TAIL_PER_HEAD = 6
+"""The rest of a cut sentence has at most this many phonemes per phoneme of the first piece, so
+the first piece's audio lasts twice the rest's inference on one busy core: a phoneme is ~2 ids,
+~52 ms of audio, ~4 ms of single-threaded inference (``INFERENCE_S_PER_ID``), plus ~30 ms a run.
+"""
 
 
 def first_clause_cut(
-    phonemes: Sequence[str], *, longer_than: int = FIRST_CUT_WORDS, min_head: int = MIN_HEAD_WORDS
+    phonemes: Sequence[str],
+    *,
+    longer_than: int = FIRST_CUT_WORDS,
+    min_head: int = MIN_HEAD_WORDS,
+    tail_per_head: int = TAIL_PER_HEAD,
 ) -> list[list[str]]:
     """A message's first sentence (phonemes) in two at its first clause boundary, when it is long.
 
     Its first audio is then one clause's inference instead of the whole sentence's; the rest
     follows as its own utterance. espeak writes a comma, a semicolon, a colon and a spaced dash
     as ``,`` ``;`` ``:`` followed by a space, and the cut goes after that mark: the first piece
-    keeps its clause mark, so its intonation is a clause's, not a sentence's end. A sentence of
-    ``longer_than`` words or fewer, or without a boundary after ``min_head`` words, is one piece.
+    keeps its clause mark, so its intonation is a clause's, not a sentence's end. The first
+    boundary with ``min_head`` words before it and at most ``tail_per_head`` times as many
+    phonemes after it as before is taken. A sentence of ``longer_than`` words or fewer, or
+    without such a boundary, is one piece.
     """
     words = sum(1 for i, p in enumerate(phonemes) if p == " " and i > 0) + 1
     if longer_than < 1 or words <= longer_than:
@@ -158,9 +169,10 @@ def first_clause_cut(
             continue
         if phonemes[i - 1] in _CLAUSE_MARKS and seen >= min_head:
             head, tail = list(phonemes[:i]), list(phonemes[i + 1 :])
-            if any(p not in _CLAUSE_MARKS and p != " " for p in tail):
+            if not any(p not in _CLAUSE_MARKS and p != " " for p in tail):
+                break  # nothing is said after the boundary
+            if len(tail) <= tail_per_head * len(head):
                 return [head, tail]
-            break
         seen += 1
     return [list(phonemes)]
 
