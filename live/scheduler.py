@@ -8,7 +8,8 @@ audio, and free cores take the earliest such deadline:
 - a stream's first segment: the caller's hint (when the listener's earlier audio ends), else now
   plus the first-audio target;
 - every later one: when the audio already produced runs out, i.e. playback start (the first
-  segment ready, or the hint if later) plus the seconds synthesized so far.
+  segment ready, or the hint if later) plus the seconds synthesized so far, less ``early_s``
+  (a session holds back the last partial frame of a chunk until the next chunk comes).
 
 A segment must be *finished* by its deadline, so the order is by latest start: the deadline less
 the segment's estimated inference time (known once it is phonemized, which happens right after
@@ -120,6 +121,7 @@ class SynthesisScheduler(Generic[S, R]):
         cost: Callable[[S], float] = lambda segment: 0.0,
         cores: int = 2,
         first_audio_s: float = 0.15,
+        early_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         name: str = "synthesis",
     ) -> None:
@@ -130,6 +132,9 @@ class SynthesisScheduler(Generic[S, R]):
         self._cost = cost
         self.cores = cores
         self.first_audio_s = first_audio_s
+        self.early_s = early_s
+        """A later segment is due this long before the listener's audio runs out: what the
+        consumer holds back (a partial frame) and the time to deliver it."""
         """A new stream's first segment is due this long after it is submitted."""
         self._clock = clock
         self._free = cores
@@ -278,7 +283,8 @@ class SynthesisScheduler(Generic[S, R]):
                     # playback starts when the first audio is ready (or the earlier audio ends)
                     stream.heard_from = max(stream.heard_from or 0.0, self._clock())
                 stream.seconds += self._seconds(cast(R, result))
-                stream.deadline = (stream.heard_from or 0.0) + stream.seconds
+                heard_until = (stream.heard_from or 0.0) + stream.seconds
+                stream.deadline = heard_until - self.early_s
             if not ended and not stream.cancelled:
                 self._submit(stream)
             self._cond.notify_all()  # slots freed: every idle worker looks again

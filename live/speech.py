@@ -124,6 +124,10 @@ INFERENCE_S_PER_ID = 0.002
 """One inference on one thread, estimated: ~30 ms whatever its length, plus ~2 ms per phoneme id
 (measured: ~26 ms of audio per id, e.g. 118 ids for a 3.0 s sentence, at RTF ~0.078). The
 scheduler starts a sentence that much before its listener needs it."""
+EARLY_S = 0.2
+"""A sentence after a message's first is due this long before the audio before it runs out:
+sessions and channels send whole frames (100 ms by default), so up to a frame of a chunk waits
+for the next chunk, and the frame still has to cross the socket and the listener's loop."""
 FIRST_CUT_WORDS = 8
 """A message's first sentence longer than this (in words) is cut at its first clause boundary.
 
@@ -268,6 +272,7 @@ class PiperEngine:
             cost=lambda piece: INFERENCE_S + INFERENCE_S_PER_ID * len(piece.ids),
             cores=max(1, workers),
             first_audio_s=first_audio_s,
+            early_s=EARLY_S,
             name="piper",
         )
 

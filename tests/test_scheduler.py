@@ -140,6 +140,30 @@ async def test_a_stream_far_ahead_of_its_listener_waits_for_a_new_message() -> N
     scheduler.close()
 
 
+async def test_a_later_segment_is_due_early_s_before_the_audio_runs_out() -> None:
+    inference = Inference({"going1": 0.5})
+    scheduler: SynthesisScheduler[str, str] = SynthesisScheduler(
+        inference,
+        lambda s: inference.seconds.get(s, 1.0),
+        cores=1,
+        first_audio_s=_FIRST,
+        early_s=0.4,
+        clock=lambda: _NOW,
+    )
+    inference.hold("going1")
+    going = _consume(scheduler, iter(["going1", "going2"]))
+    await inference.aentered("going1")
+    new = _consume(scheduler, iter(["new1"]))
+    await until_true(lambda: scheduler.waiting == 1, "the new message waiting")
+    inference.release("going1")
+
+    await asyncio.wait_for(asyncio.gather(going, new), 30)
+
+    # going2 is due at +0.5 s less 0.4 s, before the new message's +0.15 s.
+    assert inference.order() == ["going1", "going2", "new1"]
+    scheduler.close()
+
+
 async def test_of_two_segments_due_together_the_costlier_starts_first() -> None:
     inference = Inference()
     costs = {"short2": 0.1, "long2": 1.0}
