@@ -276,20 +276,30 @@ class PiperEngine:
             name="piper",
         )
 
-    def pieces(self, text: str) -> Generator[PhonemePiece, None, None]:
-        """What ``text`` is synthesized as, one inference each, in order (phonemized lazily)."""
+    def pieces(self, text: str, *, cut: bool | None = None) -> Generator[PhonemePiece, None, None]:
+        """What ``text`` is synthesized as, one inference each, in order (phonemized lazily).
+
+        ``cut``: whether a long first sentence is cut at its first clause; None decides when
+        the first sentence is phonemized (on the worker about to synthesize it): only while no
+        other sentence waits for a core. Under load the rest of a cut sentence would compete
+        with every other listener's next sentence within the ~1 s its first clause lasts (on
+        a shared machine at 16 chat sessions whose first lines came within 2 s, the gaps
+        measured came at that cut); a whole sentence starts later and leaves more time.
+        """
         shrunk = False
         first = True
         for segment in segments(text):
             for sentence in self._voice.phonemize(segment):
-                cuts = (
+                if first and cut is None:
+                    cut = self._scheduler.waiting == 0
+                parts = (
                     first_clause_cut(sentence, longer_than=self.first_cut_words)
-                    if first
+                    if first and cut
                     else [sentence]
                 )
                 first = False
-                for cut in cuts:
-                    for piece in phoneme_pieces(cut, self.max_phonemes):
+                for part in parts:
+                    for piece in phoneme_pieces(part, self.max_phonemes):
                         shrink = len(piece) > ARENA_KEEP_PHONEMES
                         shrunk |= shrink
                         yield PhonemePiece(self._voice.phonemes_to_ids(piece), shrink)
