@@ -25,25 +25,24 @@ on the event loop.
 Threads, the way the load needs them. An onnxruntime session runs an inference on its
 ``intra_op_num_threads``; two sessions of one model file with different settings share the
 machine. Measured on this 2-core machine (Piper joe medium, onnxruntime 1.32, three chat
-sentences of 3.0-3.9 s synthesized 8 times over, two runs; the pair is two Python threads on
-the 1-thread session; the machine was shared, so ±5 %):
+sentences of 3.0-3.9 s synthesized 8 times over, four runs; the pair is two Python threads on
+the 1-thread session; the machine was shared with other work):
 
 ==========================================  ==========================================
-one 1-thread job alone                      RTF 0.074-0.079
-one 2-thread job alone (spinning off)       RTF 0.045-0.052
-two 1-thread jobs at once                   RTF 0.076-0.081 each: 0.039-0.041 CPU-wall
+one 1-thread job alone                      RTF 0.074-0.083
+one 2-thread job alone, spinning off        RTF 0.045-0.056 (spinning on: 0.049-0.061)
+two 1-thread jobs at once                   RTF 0.076-0.087 each: 0.039-0.044 wall
                                             seconds per audio second for the pair
 ==========================================  ==========================================
 
-(DESIGN.md's older figures, 0.082 and 0.067, were taken with spinning threads.) So a lone job
-finishes ~35 % sooner on both cores, while two single-threaded jobs carry ~25 % more audio per
-second. With two segments waiting, running them one after the other on two threads finishes
-them at 0.05 L and 0.10 L (mean 0.075 L for L seconds of audio each), side by side on one
-thread each at 0.078 L: a wash for latency, a loss of a quarter of the throughput when the
-queue is building. The rule: **a job gets every core when all cores are free and nothing else
-is waiting; otherwise one thread.** A segment arriving while a wide job runs waits for it (at
-most one segment's inference, tens of ms for a clause): oversubscribing the cores would slow
-both.
+(DESIGN.md's older figures were 0.082 and 0.067.) So a lone job finishes ~35 % sooner on both
+cores, while two single-threaded jobs carry ~25 % more audio per second. With two segments
+waiting, running them one after the other on two threads finishes them at 0.05 L and 0.10 L
+(mean 0.075 L for L seconds of audio each), side by side on one thread each at 0.078 L: a wash
+for latency, a loss of a quarter of the throughput when the queue is building. The rule: **a
+job gets every core when all cores are free and nothing else is waiting; otherwise one
+thread.** A segment arriving while a wide job runs waits for it (at most one segment's
+inference, tens of ms for a clause): oversubscribing the cores would slow both.
 """
 
 from __future__ import annotations
