@@ -69,7 +69,15 @@ class Settings:
     l1_voices: int = 10_000
     """Embeddings kept in process (about 1 KB each); pinned ones are never evicted."""
     tts_workers: int = 2
-    """Concurrent single-threaded synthesis jobs; one per core serves the most sessions."""
+    """Cores synthesis may use: one single-threaded job per core while several sentences wait,
+    one job on all of them when one alone does (``live.scheduler``)."""
+    first_audio_target_s: float = 0.15
+    """A new message's first sentence is due this long after it starts: sentences of other
+    sessions whose listeners still have more audio than that wait behind it."""
+    first_cut_words: int = 8
+    """A message's first sentence longer than this many words is cut at its first comma (or
+    semicolon, colon, dash), so its first audio comes sooner, while no other sentence waits
+    for a core; 0 never cuts."""
     encoder_max_batch: int = 8
     device: str | None = None
     """``cpu`` or ``cuda``; the default picks CUDA when present."""

