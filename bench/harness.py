@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import aiohttp
 import numpy as np
+import orjson
 
 from protocol import ClientProtocol, LivevoiceError
 from protocol.client import (
@@ -562,3 +563,14 @@ class SyntheticVoices:
 
         digest = hashlib.blake2b(f"bench-memory-{i}".encode(), digest_size=32)
         return Fingerprint(digest.hexdigest())
+
+
+async def aline(proc: asyncio.subprocess.Process, timeout: float, what: str) -> dict[str, Any]:
+    """A client process's next JSON line; its stderr in the error when it ends instead."""
+    assert proc.stdout is not None and proc.stderr is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        err = await asyncio.wait_for(proc.stderr.read(), 5)
+        raise RuntimeError(f"{what} ended: {err.decode(errors='replace')[-2000:]}")
+    data: dict[str, Any] = orjson.loads(line)
+    return data

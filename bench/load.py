@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .harness import ROOT, UNTHROTTLED, BenchContext, LoadSizes, Progress
+from .harness import ROOT, UNTHROTTLED, BenchContext, LoadSizes, Progress, aline
 from .realtime import LINES, Player, chat_schedule, start_offsets, summary_ms
 
 VOICE = "en_US-joe-medium"
@@ -319,14 +319,6 @@ async def asettle(server: Server, timeout: float = 30.0) -> None:
 
 
 # --- one run ------------------------------------------------------------------------------------
-async def _aline(proc: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
-    assert proc.stdout is not None and proc.stderr is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-    if not line:
-        err = await asyncio.wait_for(proc.stderr.read(), 5)
-        raise RuntimeError(f"load client ended: {err.decode(errors='replace')[-2000:]}")
-    data: dict[str, Any] = orjson.loads(line)
-    return data
 
 
 async def _arun_clients(
@@ -366,7 +358,7 @@ async def _arun_clients(
                 )
             )
         for proc in procs:  # every session connected (and its voice registered)
-            await _aline(proc, 120.0)
+            await aline(proc, 120.0, "load client")
         cpu0, busy0 = server.cpu_s(), machine_busy_s()
         t0 = time.monotonic() + 0.5
         for proc in procs:
@@ -376,7 +368,7 @@ async def _arun_clients(
         sessions: list[dict[str, Any]] = []
         talkers_cpu = 0.0
         for proc in procs:
-            seen = await _aline(proc, seconds + drain_s + 60.0)
+            seen = await aline(proc, seconds + drain_s + 60.0, "load client")
             sessions += seen["sessions"]
             talkers_cpu += float(seen["cpu_s"])
         wall = time.monotonic() - t0

@@ -44,6 +44,7 @@ from .harness import (
     ServerError,
     SyntheticVoices,
     WsSession,
+    aline,
     percentiles_ms,
     ratio,
     zipf_sequence,
@@ -1012,17 +1013,6 @@ async def _aspawn(config: dict[str, Any]) -> asyncio.subprocess.Process:
     )
 
 
-async def _aline(proc: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
-    """The process's next JSON line; its stderr in the error when it ends instead."""
-    assert proc.stdout is not None and proc.stderr is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-    if not line:
-        err = await asyncio.wait_for(proc.stderr.read(), 5)
-        raise RuntimeError(f"fan-out client ended: {err.decode(errors='replace')[-2000:]}")
-    data: dict[str, Any] = orjson.loads(line)
-    return data
-
-
 async def _afanout_level(
     server: LiveServer, sizes: FanoutSizes, listeners: int, clip: str, deadline: float
 ) -> dict[str, Any]:
@@ -1054,7 +1044,7 @@ async def _afanout_level(
     hub = server.services.channels
     try:
         for proc in everyone:  # every listener joined and the producer's voice ready
-            await _aline(proc, max(30.0, deadline - time.perf_counter()))
+            await aline(proc, max(30.0, deadline - time.perf_counter()), "fan-out client")
         calls0 = getattr(hub, "engine_calls", 0)
         cpu0 = time.process_time()
         t0 = time.monotonic() + 0.2
@@ -1062,8 +1052,10 @@ async def _afanout_level(
         producer.stdin.write(orjson.dumps({"t0": t0}) + b"\n")
         await producer.stdin.drain()
         wait = timeout + 30.0
-        produced = await _aline(producer, wait)
-        heard = [h for proc in procs for h in (await _aline(proc, wait))["listeners"]]
+        produced = await aline(producer, wait, "fan-out client")
+        heard = [
+            h for proc in procs for h in (await aline(proc, wait, "fan-out client"))["listeners"]
+        ]
         cpu = time.process_time() - cpu0
         wall = time.monotonic() - t0
         engine_calls = getattr(hub, "engine_calls", 0) - calls0
