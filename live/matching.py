@@ -160,26 +160,34 @@ def plan(profile: VoiceProfile, reference: VoiceProfile, limits: MatchLimits = L
     pitch_ratio = target_f0 / reference.f0_hz
     if abs(12 * math.log2(pitch_ratio)) < limits.pitch_dead_st:
         pitch_ratio, target_f0 = 1.0, reference.f0_hz
-    range_ratio, hit = _clamp(
-        profile.f0_range_st / max(reference.f0_range_st, 0.5), limits.range_ratio
+
+    def ratio(value: float, bounds: tuple[float, float], dead: float, name: str) -> float:
+        """``value`` within ``bounds`` (``name`` noted as clamped when it was not), and 1.0
+        when that is within ``dead`` of it: a difference the ear would not notice."""
+        kept, hit = _clamp(value, bounds)
+        if hit:
+            clamped.append(name)
+        return 1.0 if abs(kept - 1.0) < dead else kept
+
+    range_ratio = ratio(
+        profile.f0_range_st / max(reference.f0_range_st, 0.5),
+        limits.range_ratio,
+        limits.range_dead,
+        "pitch_range",
     )
-    if hit:
-        clamped.append("pitch_range")
-    if abs(range_ratio - 1.0) < limits.range_dead:
-        range_ratio = 1.0
-    ratios = [c / r for c, r in zip(profile.formants_hz, reference.formants_hz, strict=True)]
-    formant_ratio, hit = _clamp(float(np.exp(np.mean(np.log(ratios)))), limits.formant_ratio)
-    if hit:
-        clamped.append("formants")
-    if abs(formant_ratio - 1.0) < limits.formant_dead:
-        formant_ratio = 1.0
-    length_scale, hit = _clamp(
-        reference.syllables_per_s / max(profile.syllables_per_s, 0.5), limits.length_scale
+    formants = [c / r for c, r in zip(profile.formants_hz, reference.formants_hz, strict=True)]
+    formant_ratio = ratio(
+        float(np.exp(np.mean(np.log(formants)))),
+        limits.formant_ratio,
+        limits.formant_dead,
+        "formants",
     )
-    if hit:
-        clamped.append("pace")
-    if abs(length_scale - 1.0) < limits.length_dead:
-        length_scale = 1.0
+    length_scale = ratio(
+        reference.syllables_per_s / max(profile.syllables_per_s, 0.5),
+        limits.length_scale,
+        limits.length_dead,
+        "pace",
+    )
     return Match(
         pitch_ratio=pitch_ratio,
         range_ratio=range_ratio,
