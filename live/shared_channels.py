@@ -885,14 +885,19 @@ class SharedChannel:
                     if got is not None and got.get("type") == "message":
                         self._on_position(got.get("data", b""))
             except (RedisError, OSError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc
-                log.info("channel %s: positions unavailable (%s); retrying", self._name, exc)
-                await asyncio.sleep(0.5)
+                await self._aretry_after("positions unavailable", exc)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _aretry_after(self, what: str, exc: BaseException) -> None:
+        """A background reader's Redis call failed: a cancellation redis-py turned into that
+        error is honoured (see ``RedisTier._run``); anything else is said, then tried again."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from exc
+        log.info("channel %s: %s (%s); retrying", self._name, what, exc)
+        await asyncio.sleep(0.5)
 
     def _on_position(self, raw: bytes) -> None:
         try:
@@ -916,11 +921,7 @@ class SharedChannel:
                     {events: self._cursor[0], requests: self._cursor[1]}, block=BLOCK_MS
                 )
             except (RedisError, OSError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc
-                log.info("channel %s: reading its stream failed (%s); retrying", self._name, exc)
-                await asyncio.sleep(0.5)
+                await self._aretry_after("reading its stream failed", exc)
                 continue
             async with self._feeding:
                 for stream, entries in batch or []:
