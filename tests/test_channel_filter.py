@@ -24,7 +24,7 @@ from protocol.wordfilter import MAX_WORD_CHARS, MAX_WORDS, WordFilter
 from tests.clips import reference_wav
 from tests.fakes import GatedEngine
 from tests.server import live_server, raw_client, until_message
-from tests.test_channels import is_type, join, joined_protocol, producer, state
+from tests.test_channels import bot_and_overlay, is_type, join, joined_protocol, state
 
 pytestmark = pytest.mark.usefixtures("channel_store")
 
@@ -110,13 +110,7 @@ async def test_the_filter_masks_then_drops_what_listeners_hear(
     encoder_worker: EncoderWorker,
 ) -> None:
     engine = GatedEngine(auto=True)
-    async with (
-        live_server(embedder=encoder_worker, engine=engine) as srv,
-        raw_client(srv) as bot,
-        raw_client(srv) as overlay,
-    ):
-        await producer(bot)
-        await join(overlay, "listen")
+    async with bot_and_overlay(encoder_worker, engine) as (bot, overlay):
         # Off by default: the text is spoken as cleaned.
         await bot.asend({"type": "speak", "id": "m0", "text": "Darn, see https://x.com/a."})
         start = await until_message(overlay, is_type(AudioStart, "m0"))

@@ -26,7 +26,7 @@ from protocol.state import channel_place
 from tests.clips import reference_wav
 from tests.fakes import GatedEngine
 from tests.server import live_server, raw_client, until_message, until_true
-from tests.test_channels import is_type, join, joined_protocol, producer, state
+from tests.test_channels import bot_and_overlay, is_type, join, joined_protocol, state
 
 pytestmark = pytest.mark.usefixtures("channel_store")
 
@@ -115,13 +115,7 @@ async def test_paid_messages_are_spoken_before_chat_each_lane_in_order(
     encoder_worker: EncoderWorker,
 ) -> None:
     engine = GatedEngine(auto=True)
-    async with (
-        live_server(embedder=encoder_worker, engine=engine) as srv,
-        raw_client(srv) as bot,
-        raw_client(srv) as overlay,
-    ):
-        await producer(bot)
-        await join(overlay, "listen")
+    async with bot_and_overlay(encoder_worker, engine) as (bot, overlay):
         await bot.asend({"type": "channel.pause"})
         await until_message(overlay, state(0, True))
         sent = [("chat1", 0), ("bits1", 5), ("chat2", 0), ("raid", 9), ("bits2", 5)]
@@ -150,13 +144,7 @@ async def test_a_message_waiting_past_expire_s_is_dropped_with_expired(
     encoder_worker: EncoderWorker,
 ) -> None:
     engine = GatedEngine(auto=True)
-    async with (
-        live_server(embedder=encoder_worker, engine=engine) as srv,
-        raw_client(srv) as bot,
-        raw_client(srv) as overlay,
-    ):
-        await producer(bot)
-        await join(overlay, "listen")
+    async with bot_and_overlay(encoder_worker, engine) as (bot, overlay):
         await bot.asend({"type": "channel.pause"})
         await until_message(overlay, state(0, True))
         await bot.asend({"type": "speak", "id": "old", "text": "Old news.", "expire_s": 0.2})
@@ -178,13 +166,7 @@ async def test_an_interrupt_cuts_the_current_message_and_is_spoken_next(
     encoder_worker: EncoderWorker,
 ) -> None:
     engine = GatedEngine()
-    async with (
-        live_server(embedder=encoder_worker, engine=engine) as srv,
-        raw_client(srv) as bot,
-        raw_client(srv) as overlay,
-    ):
-        await producer(bot)
-        await join(overlay, "listen")
+    async with bot_and_overlay(encoder_worker, engine) as (bot, overlay):
         await bot.asend({"type": "speak", "id": "long", "text": "One. Two. Three."})
         start = await until_message(overlay, is_type(AudioStart))
         assert isinstance(start, AudioStart) and start.id == "long"

@@ -101,6 +101,22 @@ async def producer(client: RawClient) -> None:
     await join(client, "speak")
 
 
+@contextlib.asynccontextmanager
+async def bot_and_overlay(
+    embedder: EncoderWorker, engine: SpeechEngine
+) -> AsyncIterator[tuple[RawClient, RawClient]]:
+    """A server with a producer in channel ``main`` (a voice pinned) and a listener there at
+    the engine's rate."""
+    async with (
+        live_server(embedder=embedder, engine=engine) as srv,
+        raw_client(srv) as bot,
+        raw_client(srv) as overlay,
+    ):
+        await producer(bot)
+        await join(overlay, "listen")
+        yield bot, overlay
+
+
 def heard(client: RawClient) -> list[tuple[AudioStart, AudioEnd | None, bytes]]:
     """Each channel message this listener heard: its start, its end (None while it goes on),
     its PCM."""
@@ -249,13 +265,7 @@ async def test_one_synthesis_reaches_listeners_at_48_and_16_khz(
 
 async def test_pause_resume_skip_clear_and_cancel_by_id(encoder_worker: EncoderWorker) -> None:
     engine = GatedEngine()
-    async with (
-        live_server(embedder=encoder_worker, engine=engine) as srv,
-        raw_client(srv) as bot,
-        raw_client(srv) as overlay,
-    ):
-        await producer(bot)
-        await join(overlay, "listen")
+    async with bot_and_overlay(encoder_worker, engine) as (bot, overlay):
 
         def state(waiting: int, paused: bool) -> Callable[[Message], bool]:
             return lambda m: (
