@@ -148,6 +148,10 @@ class LoadSizes:
     """Sessions per load-generator process."""
     peer: int = 1
     """1: the same runs against wyoming-piper, alternating with livevoice; 0: livevoice only."""
+    match: int = 0
+    """0: livevoice speaks in Piper joe's own voice (``match: false``), the audio the peer makes;
+    1: matched to the reference clip (section 8), whose slow pace makes every line a quarter
+    longer, so a quarter more synthesis than the peer does."""
 
 
 @dataclass
@@ -331,9 +335,11 @@ class WsSession:
             return self.wire.receive_binary(msg.data)
         raise ConnectionError(f"socket ended: {msg.type.name} {msg.data!r}")
 
-    async def aregister(self, clip: bytes, *, name: str | None = None) -> Registration:
+    async def aregister(
+        self, clip: bytes, *, name: str | None = None, match: bool | None = None
+    ) -> Registration:
         start = time.perf_counter()
-        await self.asend(VoiceRegister(name=name, format="wav"), clip)
+        await self.asend(VoiceRegister(name=name, format="wav", match=match), clip)
         while not isinstance(event := await self.anext_event(), VoiceAnswered | VoiceRequestFailed):
             pass
         seconds = time.perf_counter() - start

@@ -216,9 +216,10 @@ async def _await_up(server: Server, probe: Any) -> None:
         await asyncio.sleep(0.25)
 
 
-async def astart_livevoice(tmp: Path, clip: Path) -> Server:
+async def astart_livevoice(tmp: Path, clip: Path, *, match: bool = False) -> Server:
     """``livevoice serve`` on a free loopback port, in memory (no Redis), per-tenant limits
-    lifted; then one line spoken, so that no run pays the first inference."""
+    lifted; then one line spoken, so that no run pays the first inference. ``match``: the
+    talkers' voices are matched to the clip (else ``match: false``)."""
     import aiohttp
 
     port = _free_port()
@@ -240,7 +241,12 @@ async def astart_livevoice(tmp: Path, clip: Path) -> Server:
         env,
     )
     url = f"http://127.0.0.1:{port}"
-    server.client = {"target": "livevoice", "url": f"ws://127.0.0.1:{port}/ws", "clip": str(clip)}
+    server.client = {
+        "target": "livevoice",
+        "url": f"ws://127.0.0.1:{port}/ws",
+        "clip": str(clip),
+        "match": match,
+    }
     async with aiohttp.ClientSession() as http:
 
         async def ready() -> bool:
@@ -530,7 +536,7 @@ async def arun_load(ctx: BenchContext, sizes: LoadSizes, deadline: float) -> dic
         durations = limit["durations_s"]
         servers: list[Server] = []
         try:
-            servers.append(await astart_livevoice(tmp, clip))
+            servers.append(await astart_livevoice(tmp, clip, match=bool(sizes.match)))
             if sizes.peer:
                 servers.append(await astart_wyoming(tmp))
             for server in servers:

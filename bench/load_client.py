@@ -219,7 +219,9 @@ async def _aconnect(stack: contextlib.AsyncExitStack, config: dict[str, Any], n:
         session = await stack.enter_async_context(
             WsSession.aopen(http, config["url"], f"bench-load-{n}")
         )
-        await session.aregister(config["clip_bytes"], name=f"streamer {n}")
+        await session.aregister(
+            config["clip_bytes"], name=f"streamer {n}", match=None if config["match"] else False
+        )
         return LivevoiceTalker(session)
     from wyoming.client import AsyncTcpClient
 

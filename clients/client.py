@@ -328,6 +328,9 @@ class LivevoiceClient:
         self.voice_retries = 0
         """``voice.use`` answers of ``voice_unavailable`` retried (the voice was kept)."""
         self._clip: tuple[str, bytes, str | None, str | None] | None = None
+        self._match: bool | None = None
+        """The pinned voice's ``match`` (None: the server's default, matched), kept for
+        reconnects."""
         """Voice id, clip, name and format of the last registration: the reconnect fallback."""
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -417,9 +420,15 @@ class LivevoiceClient:
 
     # --- requests -------------------------------------------------------------------------------
     async def aregister(
-        self, clip: bytes, name: str | None = None, format: str | None = None
+        self,
+        clip: bytes,
+        name: str | None = None,
+        format: str | None = None,
+        *,
+        match: bool | None = None,
     ) -> VoiceReady:
-        """Uploads a reference clip and pins its voice. The bytes are kept for reconnects."""
+        """Uploads a reference clip and pins its voice. The bytes are kept for reconnects.
+        ``match=False``: speak in the engine's own voice, not matched to the clip."""
         if format is not None and format not in CLIP_FORMATS:
             # Checked here: the server would answer twice (unsupported, then unexpected_binary).
             raise Unsupported(f"clip format {format!r} is not one of {', '.join(CLIP_FORMATS)}")
@@ -427,17 +436,19 @@ class LivevoiceClient:
         limit = self.ready.limits.get("max_clip_bytes") if self.ready else None
         if isinstance(limit, int) and len(clip) > limit:
             raise ClipTooLarge(f"the clip is {len(clip)} bytes; this server takes {limit}")
+        self._match = match
         ready = await self._aregister(clip, name, format)
         self._clip = (ready.voice_id, clip, name, format)
         return ready
 
-    async def ause(self, voice_id: str) -> VoiceReady:
-        """Pins a voice this tenant registered before, by id.
+    async def ause(self, voice_id: str, *, match: bool | None = None) -> VoiceReady:
+        """Pins a voice this tenant registered before, by id (``match`` as for :meth:`aregister`).
 
         ``voice_unavailable`` is retried with backoff for up to ``timeout`` seconds, then raised;
         ``voice_not_found`` is final.
         """
         await self._await_online()
+        self._match = match
         ready = await self._ause_retrying(voice_id)
         self.voice = ready
         return ready
@@ -448,7 +459,7 @@ class LivevoiceClient:
         attempt = 0
         while True:
             try:
-                ready = await self._avoice_request(VoiceUse(voice_id=voice_id))
+                ready = await self._avoice_request(VoiceUse(voice_id=voice_id, match=self._match))
             except VoiceUnavailable:
                 delay = self.backoff.delay(attempt)
                 if loop.time() + delay > deadline:
@@ -758,7 +769,9 @@ class LivevoiceClient:
             raise ConnectionLost(f"sending failed: {exc}") from exc
 
     async def _aregister(self, clip: bytes, name: str | None, format: str | None) -> VoiceReady:
-        ready = await self._avoice_request(VoiceRegister(name=name, format=format), clip)
+        ready = await self._avoice_request(
+            VoiceRegister(name=name, format=format, match=self._match), clip
+        )
         assert isinstance(ready, VoiceReady)
         self.voice = ready
         return ready

@@ -15,6 +15,13 @@ A segment must be *finished* by its deadline, so the order is by latest start: t
 the segment's estimated inference time (known once it is phonemized, which happens right after
 the segment before it).
 
+Lines already being heard come first once they are due soon (``PLAYING_FIRST_S``): earliest
+deadline first alone let new messages' first segments (due 0.15 s after they came) go before
+every playing line with more than that in hand, so near the machine's capacity a burst of new
+lines pushed the lines already playing past their deadlines: at 64 chat sessions 129 gaps in
+lines already playing (63 sessions, worst 1.7 s), none with this rule. Under overload new
+messages wait instead: their first audio comes later, and nothing already heard breaks up.
+
 A stream is an iterator of segments with only ONE segment pending at a time: the next is taken
 from the iterator when the previous is done. A stream far ahead of its listener therefore holds
 no queue of work; its next segment simply carries a late deadline and waits while anything more
@@ -58,6 +65,12 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Generic, TypeVar, cast
 
 log = logging.getLogger(__name__)
+
+PLAYING_FIRST_S = 1.0
+"""A stream whose listener is playing goes before every new message once its next segment must
+start within this long: its listener already hears it, and a gap in a line is worse than a later
+start of the next (a new message's first segment is due 0.15 s after it came). Beyond this, new
+messages go first: a listener with this much audio in hand can wait one inference or two."""
 
 S = TypeVar("S")
 """A segment: what one inference takes."""
@@ -121,6 +134,7 @@ class SynthesisScheduler(Generic[S, R]):
         cores: int = 2,
         first_audio_s: float = 0.15,
         early_s: float = 0.0,
+        playing_first_s: float = PLAYING_FIRST_S,
         clock: Callable[[], float] = time.monotonic,
         name: str = "synthesis",
     ) -> None:
@@ -137,7 +151,12 @@ class SynthesisScheduler(Generic[S, R]):
         """A new stream's first segment is due this long after it is submitted."""
         self._clock = clock
         self._free = cores
-        self._pending: list[tuple[float, int, _Stream[S, R]]] = []
+        self.playing_first_s = playing_first_s
+        self._playing: list[tuple[float, int, _Stream[S, R]]] = []
+        """Streams whose listener is playing (their first segment is done, or they follow
+        audio the listener already has), by latest start."""
+        self._new: list[tuple[float, int, _Stream[S, R]]] = []
+        """Streams nobody hears yet: a new message's first segment, by latest start."""
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -152,7 +171,7 @@ class SynthesisScheduler(Generic[S, R]):
     def waiting(self) -> int:
         """Streams with a segment due and no core on it yet (cancelled ones not yet dropped)."""
         with self._cond:
-            return len(self._pending)
+            return len(self._playing) + len(self._new)
 
     async def stream(
         self, segments: Iterator[S], *, deadline: float | None = None
@@ -200,8 +219,9 @@ class SynthesisScheduler(Generic[S, R]):
         destroyed mid-run."""
         with self._cond:
             self._closed = True
-            dropped = [stream for _, _, stream in self._pending]
-            self._pending.clear()
+            dropped = [stream for _, _, stream in self._playing + self._new]
+            self._playing.clear()
+            self._new.clear()
             self._cond.notify_all()
         for stream in dropped:
             stream.deliver(_END)
@@ -218,7 +238,8 @@ class SynthesisScheduler(Generic[S, R]):
         start_by = stream.deadline
         if stream.upcoming is not _NOTHING:
             start_by -= self._cost(cast(S, stream.upcoming))
-        heapq.heappush(self._pending, (start_by, next(self._order), stream))
+        queue = self._new if stream.heard_from is None else self._playing
+        heapq.heappush(queue, (start_by, next(self._order), stream))
         self._cond.notify()
 
     def _cancel(self, stream: _Stream[S, R]) -> None:
@@ -228,18 +249,22 @@ class SynthesisScheduler(Generic[S, R]):
             stream.cancelled = True
             if stream.running:
                 return  # the worker closes the iterator when it is out of it
-            waiting = len(self._pending)
-            self._pending = [entry for entry in self._pending if entry[2] is not stream]
-            if len(self._pending) != waiting:
-                heapq.heapify(self._pending)
+            for queue in (self._playing, self._new):
+                kept = [entry for entry in queue if entry[2] is not stream]
+                if len(kept) != len(queue):
+                    queue[:] = kept
+                    heapq.heapify(queue)
         self._close_iterator(stream)
 
     def _take(self) -> tuple[_Stream[S, R], int] | None:
         """Under the lock: the most urgent stream and its threads, or None once closed."""
         while not self._closed:
-            if self._pending and self._free > 0:
-                _, _, stream = heapq.heappop(self._pending)
-                wide = self._free == self.cores and not self._pending
+            if (self._playing or self._new) and self._free > 0:
+                playing, new = self._playing, self._new
+                soon = self._clock() + self.playing_first_s
+                queue = playing if playing and (not new or playing[0][0] <= soon) else new
+                _, _, stream = heapq.heappop(queue)
+                wide = self._free == self.cores and not playing and not new
                 threads = self.cores if wide else 1
                 self._free -= threads
                 stream.running = True

@@ -108,9 +108,10 @@ async def test_the_earliest_deadline_goes_first(inference: Inference) -> None:
     inference.hold("hold1")
     holder = _consume(scheduler, iter(["hold1"]))
     await inference.aentered("hold1")
-    # Listeners that run out of audio at +5 s, +1 s, +3 s, and a new message (due at +0.15 s).
+    # Listeners that run out of audio at +5 s, +1.5 s, +3 s (all beyond PLAYING_FIRST_S), and a
+    # new message (due at +0.15 s).
     later = _consume(scheduler, iter(["later1"]), deadline=_NOW + 5)
-    soon = _consume(scheduler, iter(["soon1"]), deadline=_NOW + 1)
+    soon = _consume(scheduler, iter(["soon1"]), deadline=_NOW + 1.5)
     middle = _consume(scheduler, iter(["middle1"]), deadline=_NOW + 3)
     new = _consume(scheduler, iter(["new1"]))
     await until_true(lambda: scheduler.waiting == 4, "four streams waiting")
@@ -120,6 +121,29 @@ async def test_the_earliest_deadline_goes_first(inference: Inference) -> None:
 
     assert inference.order() == ["hold1", "new1", "soon1", "middle1", "later1"]
     assert list(results) == [["hold1"], ["later1"], ["soon1"], ["middle1"], ["new1"]]
+    scheduler.close()
+
+
+async def test_a_line_being_heard_goes_before_new_messages_once_it_is_due_soon(
+    inference: Inference,
+) -> None:
+    scheduler = _scheduler(inference)
+    inference.hold("hold1")
+    holder = _consume(scheduler, iter(["hold1"]))
+    await inference.aentered("hold1")
+    # Two new messages (due at +0.15 s) and two listeners with audio in hand: one runs out at
+    # +0.8 s, within PLAYING_FIRST_S (1 s), so it goes before the new messages though they are
+    # due sooner; the other at +5 s, so it waits for them.
+    first = _consume(scheduler, iter(["first1"]))
+    second = _consume(scheduler, iter(["second1"]))
+    far = _consume(scheduler, iter(["far1"]), deadline=_NOW + 5)
+    going = _consume(scheduler, iter(["going1"]), deadline=_NOW + 0.8)
+    await until_true(lambda: scheduler.waiting == 4, "four streams waiting")
+    inference.release("hold1")
+
+    await asyncio.wait_for(asyncio.gather(holder, first, second, far, going), 30)
+
+    assert inference.order() == ["hold1", "going1", "first1", "second1", "far1"]
     scheduler.close()
 
 

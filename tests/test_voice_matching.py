@@ -27,7 +27,7 @@ from live.voices import VoiceStore
 from protocol.messages import AudioEnd, VoiceReady
 from tests.clips import espeak_speech, piper_speech, to_16k, wav_bytes
 from tests.redis_server import RedisServer
-from tests.server import live_server, raw_client
+from tests.server import live_server, raw_client, until_true
 
 SR = 16_000
 
@@ -301,3 +301,24 @@ async def test_voice_ready_says_matched_and_the_audio_moves_toward_the_clip(
     plain = analyse(to_16k(heard["plain"], piper.sample_rate))
     assert matched is not None and plain is not None
     assert 12 * math.log2(matched.f0_hz / plain.f0_hz) > 6  # joe's ~90 Hz toward the clip's
+
+
+async def test_the_python_client_asks_for_the_engine_s_own_voice_and_keeps_it_on_reconnect(
+    speaker_encoder: SpeakerEncoder, piper: PiperEngine
+) -> None:
+    from clients.client import LivevoiceClient
+
+    clip = wav_bytes(*espeak_speech(OWN_VOICE_TEXT))
+    async with (
+        live_server(embedder=EncoderWorker(speaker_encoder), engine=piper) as srv,
+        LivevoiceClient(srv.ws_url, timeout=60) as client,
+    ):
+        plain = await client.aregister(clip, name="plain", match=False)
+        assert plain.matched is None
+        for ws in list(srv.services.sockets):
+            await ws.close()  # the client reconnects and pins the voice again by voice.use
+        await until_true(lambda: client.reconnects == 1, "the client back")
+        await (await client.aspeak("Back.")).aresult()
+        assert client.voice is not None and client.voice.matched is None
+        matched = await client.ause(plain.voice_id)
+        assert matched.matched is not None and matched.voice_id == plain.voice_id
