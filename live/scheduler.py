@@ -62,6 +62,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
+from contextvars import ContextVar
 from typing import Generic, TypeVar, cast
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,12 @@ PLAYING_FIRST_S = 1.0
 start within this long: its listener already hears it, and a gap in a line is worse than a later
 start of the next (a new message's first segment is due 0.15 s after it came). Beyond this, new
 messages go first: a listener with this much audio in hand can wait one inference or two."""
+
+heard_until: ContextVar[float | None] = ContextVar("livevoice_heard_until", default=None)
+"""When the listener of what is synthesized next runs out of the audio it already has
+(``time.monotonic``), set by whoever sends it (a session's speaker): a stream started without a
+``deadline`` takes it from here, through the engine wrappers in between. None, or a moment
+already past: the listener waits now."""
 
 S = TypeVar("S")
 """A segment: what one inference takes."""
@@ -191,6 +198,8 @@ class SynthesisScheduler(Generic[S, R]):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
                 loop.call_soon_threadsafe(results.put_nowait, item)
 
+        if deadline is None and (hint := heard_until.get()) is not None and hint > self._clock():
+            deadline = hint
         first = self._clock() + self.first_audio_s if deadline is None else deadline
         stream: _Stream[S, R] = _Stream(segments, first, deliver)
         if deadline is not None:

@@ -74,10 +74,9 @@ class Settings:
     first_audio_target_s: float = 0.15
     """A new message's first sentence is due this long after it starts: sentences of other
     sessions whose listeners still have more audio than that wait behind it."""
-    first_cut_words: int = 8
+    first_cut_words: int = 4
     """A message's first sentence longer than this many words is cut at its first comma (or
-    semicolon, colon, dash), so its first audio comes sooner, while no other sentence waits
-    for a core; 0 never cuts."""
+    semicolon, colon, dash), so its first audio comes sooner; 0 never cuts."""
     encoder_max_batch: int = 8
     device: str | None = None
     """``cpu`` or ``cuda``; the default picks CUDA when present."""

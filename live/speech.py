@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import functools
 import logging
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -213,16 +213,27 @@ EARLY_S = 0.2
 """A sentence after a message's first is due this long before the audio before it runs out:
 sessions and channels send whole frames (100 ms by default), so up to a frame of a chunk waits
 for the next chunk, and the frame still has to cross the socket and the listener's loop."""
-FIRST_CUT_WORDS = 8
+FIRST_CUT_WORDS = 4
 """A message's first sentence longer than this (in words) is cut at its first clause boundary.
 
-Measured here (2-thread inference, shared 2-core machine): an inference costs ~30 ms whatever its
-length plus ~40-50 ms per second of audio; 4 words take ~60 ms, 8 words ~100 ms, 16 words
-~160 ms, 24 words ~240 ms. Cutting an 8-word sentence saves ~40 ms of first audio for ~30 ms
-more CPU; cutting a 20-word one saves ~140 ms. "Welcome in, grab a seat and say hi to everyone
-in chat." gives its first audio after 46 ms cut, 175-190 ms whole; "Okay chat, one more round
-and then we take a break." 45 ms against 155-163 ms.
-"""
+Measured here (this machine, quiet): one inference costs ~5-10 ms whatever its length plus
+~45 ms per second of audio on two threads (~75 ms on one): "Thanks for the follow!" (0.96 s)
+51 ms on two threads, 76 ms on one; "Welcome to the stream, everyone!" (2.14 s) 98 / 152 ms; a
+15-word sentence (3.63 s) 160 / 279 ms. A cut costs one inference's fixed part and brings first
+audio forward by the rest's share: "Welcome to the stream," alone is about 1.4 s of audio. Word
+recall of a recognizer on cut sentences was as good as or better than on whole ones
+(``tests/test_scheduler.py``)."""
+PHRASE_WORDS = (
+    "and", "but", "so", "because", "or", "when", "while", "which", "if", "then", "with", "for",
+    "on", "in", "from", "about", "after", "before", "until", "since", "though", "although",
+)  # fmt: skip
+"""Words a first sentence without an early comma may be cut before: conjunctions and
+prepositions that open a phrase. espeak sometimes runs a short one into the word after it ("for
+the" is one word, ``fɚðə``): that one is no boundary."""
+PHRASE_HEAD_WORDS = (3, 6)
+"""A cut before a phrase word keeps at least 3 and at most 6 words in front of it: about 0.8 to
+1.6 s of audio, 40-75 ms of inference on two threads."""
+_STRESS = frozenset("ˈˌ")
 MIN_HEAD_WORDS = 2
 """The first piece of a cut keeps at least this many words ("Welcome in," is ~0.8 s of audio)."""
 TAIL_PER_HEAD = 6
@@ -238,25 +249,33 @@ def first_clause_cut(
     longer_than: int = FIRST_CUT_WORDS,
     min_head: int = MIN_HEAD_WORDS,
     tail_per_head: int = TAIL_PER_HEAD,
+    phrase_starts: Collection[str] = (),
+    phrase_head: tuple[int, int] = PHRASE_HEAD_WORDS,
 ) -> list[list[str]]:
     """A message's first sentence (phonemes) in two at its first clause boundary, when it is long.
 
     Its first audio is then one clause's inference instead of the whole sentence's; the rest
     follows as its own utterance. espeak writes a comma, a semicolon, a colon and a spaced dash
     as ``,`` ``;`` ``:`` followed by a space, and the cut goes after that mark: the first piece
-    keeps its clause mark, so its intonation is a clause's, not a sentence's end. The first
-    boundary with ``min_head`` words before it and at most ``tail_per_head`` times as many
-    phonemes after it as before is taken. A sentence of ``longer_than`` words or fewer, or
-    without such a boundary, is one piece.
+    keeps its clause mark, so its intonation is a clause's, not a sentence's end. Before a clause
+    boundary, a phrase boundary may come first: the space before a word in ``phrase_starts``
+    (phonemes without stress marks: "and", "because", "on", ... as ``phrase_words`` gives them)
+    with ``phrase_head`` (at least, at most) words before it, where a speaker would breathe too
+    ("I have been watching / for three years now"). The first boundary with ``min_head`` words
+    before it and at most ``tail_per_head`` times as many phonemes after it as before is taken.
+    A sentence of ``longer_than`` words or fewer, or without such a boundary, is one piece.
     """
     words = sum(1 for i, p in enumerate(phonemes) if p == " " and i > 0) + 1
     if longer_than < 1 or words <= longer_than:
         return [list(phonemes)]
+    fewest, most = phrase_head
     seen = 1
     for i in range(1, len(phonemes) - 1):
         if phonemes[i] != " ":
             continue
-        if phonemes[i - 1] in _CLAUSE_MARKS and seen >= min_head:
+        clause = phonemes[i - 1] in _CLAUSE_MARKS and seen >= min_head
+        phrase = fewest <= seen <= most and _next_word(phonemes, i + 1) in phrase_starts
+        if clause or phrase:
             head, tail = list(phonemes[:i]), list(phonemes[i + 1 :])
             if not any(p not in _CLAUSE_MARKS and p != " " for p in tail):
                 break  # nothing is said after the boundary
@@ -264,6 +283,23 @@ def first_clause_cut(
                 return [head, tail]
         seen += 1
     return [list(phonemes)]
+
+
+def _next_word(phonemes: Sequence[str], start: int) -> str:
+    """The word starting at ``start``, without stress marks."""
+    end = start
+    while end < len(phonemes) and phonemes[end] != " ":
+        end += 1
+    return "".join(p for p in phonemes[start:end] if p not in _STRESS)
+
+
+def phrase_words(phonemize: Callable[[str], list[list[str]]]) -> frozenset[str]:
+    """``PHRASE_WORDS`` as ``phonemize`` writes them alone, without stress marks."""
+    return frozenset(
+        "".join(p for p in sentence if p not in _STRESS and p != " ")
+        for word in PHRASE_WORDS
+        for sentence in phonemize(word)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +422,9 @@ class PiperEngine:
         self.sample_rate = int(config.sample_rate)
         self.max_phonemes = max_phonemes
         self.first_cut_words = first_cut_words
+        english = str(config.espeak_voice).startswith("en")
+        self._phrase_starts = phrase_words(self._voice.phonemize) if english else frozenset()
+        """Where a first sentence may be cut besides a clause boundary (English voices)."""
         self.peak_normalize = peak_normalize
         """Scale each inference to a peak of 1.0, as Piper's own ``synthesize`` does. Off
         under a loudness target (``live.loudness``): the model's own level varies ~1 LU from
@@ -429,19 +468,27 @@ class PiperEngine:
         return plan(profile, self.voice_reference)
 
     def _first_cut(self, cut: bool | None) -> bool:
-        """Whether a message's first sentence is cut; None decides now (on the worker about to
-        synthesize it): only while no other sentence waits for a core. Under load the rest of
-        a cut sentence would compete with every other listener's next sentence within the
-        ~1 s its first clause lasts (on a shared machine at 16 chat sessions whose first lines
-        came within 2 s, the gaps measured came at that cut); a whole sentence starts later and
-        leaves more time."""
-        return self._scheduler.waiting == 0 if cut is None else cut
+        """Whether a message's first sentence is cut: always, unless ``cut`` says otherwise.
+
+        It used to be cut only while no other sentence waited for a core: under load the rest
+        of a cut sentence competed with every other listener's next sentence within the ~1 s
+        its first clause lasts. Lines already being heard now go before new messages once
+        they are due soon (``live.scheduler.PLAYING_FIRST_S``), so the rest is synthesized in
+        time, and under load the cut matters most: the first piece waits for a core, then
+        runs on one thread (a whole 15-word sentence ~280 ms, its first clause a third)."""
+        return True if cut is None else cut
 
     def _pieces_of(self, sentence: Sequence[str], *, cut: bool) -> list[PhonemePiece]:
         """One sentence's inferences: cut at its first clause when ``cut`` (a message's first
         sentence), then in pieces of at most ``max_phonemes``. Either cut goes at a space, so
         the pieces with a space between them are the sentence's phonemes again."""
-        parts = first_clause_cut(sentence, longer_than=self.first_cut_words) if cut else [sentence]
+        parts = (
+            first_clause_cut(
+                sentence, longer_than=self.first_cut_words, phrase_starts=self._phrase_starts
+            )
+            if cut
+            else [sentence]
+        )
         return [
             PhonemePiece(
                 piece, self._voice.phonemes_to_ids(piece), len(piece) > ARENA_KEEP_PHONEMES

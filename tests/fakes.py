@@ -4,10 +4,12 @@ everything about the audio itself is tested with the real Piper engine."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 
 import numpy as np
 
+from live.scheduler import heard_until
 from live.voices import Embedding
 
 
@@ -23,6 +25,8 @@ class GatedEngine:
         self.delay_s = delay_s
         self.produced = 0
         self.started: list[str] = []
+        self.heard_until: list[tuple[float, float | None]] = []
+        """Per stream: when it started and the listener's ``heard_until`` it saw then."""
 
     def release(self, n: int = 1) -> None:
         for _ in range(n):
@@ -30,6 +34,7 @@ class GatedEngine:
 
     async def stream(self, text: str, voice: Embedding) -> AsyncGenerator[np.ndarray, None]:
         self.started.append(text)
+        self.heard_until.append((time.monotonic(), heard_until.get()))
         for _sentence in [s for s in text.split(".") if s.strip()]:
             if not self.auto:
                 await self.gate.acquire()

@@ -19,11 +19,14 @@ from collections.abc import AsyncGenerator, Generator, Iterator
 import numpy as np
 import pytest
 
+from live.encoder import EncoderWorker
 from live.marks import text_words
-from live.scheduler import SynthesisScheduler
+from live.scheduler import SynthesisScheduler, heard_until
 from live.speech import PiperEngine, first_clause_cut
 from live.voices import Embedding
-from tests.server import until_true
+from tests.clips import reference_wav
+from tests.fakes import GatedEngine
+from tests.server import live_server, raw_client, until_true
 
 _NOW = 100.0
 """The frozen scheduler clock."""
@@ -145,6 +148,51 @@ async def test_a_line_being_heard_goes_before_new_messages_once_it_is_due_soon(
 
     assert inference.order() == ["hold1", "going1", "first1", "second1", "far1"]
     scheduler.close()
+
+
+async def test_a_stream_without_a_deadline_takes_its_listener_s_from_the_context(
+    inference: Inference,
+) -> None:
+    """``heard_until`` (a session's speaker sets it for its next message) passes through the
+    engine wrappers to the scheduler; a moment already past means the listener waits now."""
+    scheduler = _scheduler(inference)
+
+    async def hinted(segment: str, until: float) -> list[str]:
+        heard_until.set(until)
+        return await _collect(scheduler.stream(iter([segment])))
+
+    inference.hold("hold1")
+    holder = _consume(scheduler, iter(["hold1"]))
+    await inference.aentered("hold1")
+    new = _consume(scheduler, iter(["new1"]))
+    over = asyncio.ensure_future(hinted("over1", _NOW - 1))  # the same as a new message
+    going = asyncio.ensure_future(hinted("going1", _NOW + 0.8))  # due within PLAYING_FIRST_S
+    await until_true(lambda: scheduler.waiting == 3, "three streams waiting")
+    inference.release("hold1")
+
+    await asyncio.wait_for(asyncio.gather(holder, new, over, going), 30)
+
+    assert inference.order() == ["hold1", "going1", "new1", "over1"]
+    scheduler.close()
+
+
+async def test_a_session_s_next_message_is_due_when_the_audio_it_sent_runs_out(
+    encoder_worker: EncoderWorker,
+) -> None:
+    engine = GatedEngine(auto=True)  # 0.5 s of audio per sentence, made at once
+    async with (
+        live_server(embedder=encoder_worker, engine=engine) as srv,
+        raw_client(srv) as c,
+    ):
+        await c.aregister(reference_wav(), name="x")
+        await c.asend({"type": "speak", "id": "a", "text": "One. Two. Three. Four."})
+        await c.asend({"type": "speak", "id": "b", "text": "Five."})
+        for _ in range(2):
+            await c.await_type("audio.end")
+    (first_at, first_hint), (second_at, second_hint) = engine.heard_until
+    assert first_hint is None or first_hint <= first_at  # nothing was playing
+    # "a" is 2 s of audio sent within milliseconds: its listener has nearly all of it in hand.
+    assert second_hint is not None and 1.5 < second_hint - second_at <= 2.0
 
 
 async def test_a_stream_far_ahead_of_its_listener_waits_for_a_new_message() -> None:
@@ -394,6 +442,25 @@ def test_a_long_first_sentence_is_cut_after_its_first_clause() -> None:
         "one two three four five six seven eight nine,"
     ]  # nothing after the only boundary
 
+    def phrase(text: str) -> list[str]:
+        pieces = first_clause_cut(list(text), longer_than=4, phrase_starts={"and", "on"})
+        return ["".join(piece) for piece in pieces]
+
+    # Before a phrase word, with three to six words in front of it; else at the clause.
+    assert phrase("one two three and four five six seven.") == [
+        "one two three",
+        "and four five six seven.",
+    ]
+    assert phrase("one two and three four five, six seven.") == [
+        "one two and three four five,",
+        "six seven.",
+    ]  # "one two" is too short a head for a phrase cut
+    assert phrase("one two three four five six seven on eight nine, ten.") == [
+        "one two three four five six seven on eight nine,",
+        "ten.",
+    ]  # seven words before "on": too long a head
+    assert phrase("one two three four five six.") == ["one two three four five six."]
+
 
 # ---------------------------------------------------------------------------------------------
 # Piper through the scheduler
@@ -495,6 +562,9 @@ _LONG_FIRST_SENTENCES = [
     "Okay chat, one more round and then we take a break before the tournament starts.",
     "Thanks so much for the raid everyone, welcome to all of you who just arrived from the "
     "other stream tonight.",
+    # no early comma: cut before a phrase word ("for", "on")
+    "I have been watching for three years now and this is the best run yet.",
+    "Can you play the next level on hard mode this time?",
 ]
 
 
