@@ -219,6 +219,8 @@ class VoiceStore:
         self._unsaved: OrderedDict[tuple[str, str], VoiceRecord] = OrderedDict()
         """Records Redis did not take (down, or full): written again when it answers, so an id
         handed to a client is never lost to the other servers."""
+        self._rewrites: dict[tuple[str, str], asyncio.Task[None]] = {}
+        """Records written again after their answer (``aremember``), until Redis has them."""
         self.purge_listeners: set[Callable[[Purge], None]] = set()
         self.encoder_calls = 0
 
@@ -422,18 +424,39 @@ class VoiceStore:
     async def aremember(
         self, tenant: str, resolved: ResolvedVoice, name: str | None
     ) -> VoiceRecord:
-        """The tenant's id for this voice, kept here and (when configured) in Redis."""
+        """The tenant's id for this voice, kept here and (when configured) in Redis.
+
+        A new record is in Redis before this returns (the id answered works on every server).
+        The same record again (the same clip registered again: this server wrote it, or read
+        it, and has heard of no deletion since) is answered at once and written again behind
+        the answer: it is already there, and the write only heals a deletion this server
+        missed. A deletion waits for that write, so it cannot bring the record back.
+        """
         record = VoiceRecord(
             voice_id_for(tenant, resolved.fingerprint),
             resolved.fingerprint,
             name,
             resolved.embedding.duration_s,
         )
+        where = (tenant, record.voice_id)
+        known = self._records.get(where) == record and where not in self._unsaved
         self._keep_record(tenant, record)
-        if self.tier is not None and not await self.tier.aput_record(tenant, record):
+        if self.tier is None:
+            return record
+        if known:
+            if where not in self._rewrites:
+                task = asyncio.create_task(self._aput_record(tenant, record))
+                self._rewrites[where] = task
+                task.add_done_callback(lambda _: self._rewrites.pop(where, None))
+            return record
+        await self._aput_record(tenant, record)
+        return record
+
+    async def _aput_record(self, tenant: str, record: VoiceRecord) -> None:
+        assert self.tier is not None
+        if not await self.tier.aput_record(tenant, record):
             self._unsaved[(tenant, record.voice_id)] = record
             log.warning("voice %s kept in this process until Redis takes it", record.voice_id)
-        return record
 
     async def aflush_records(self) -> int:
         """Write the records Redis did not take before; how many are still waiting."""
@@ -509,6 +532,8 @@ class VoiceStore:
         content. Sessions of this tenant pinning the id are told (``purge_listeners``)."""
         record = await self._arecord(tenant, voice_id)
         fp = record.fingerprint
+        if (rewrite := self._rewrites.get((tenant, voice_id))) is not None:
+            await asyncio.wait([rewrite])
         if self.tier is not None:
             gone = await self.tier.adelete_voice(
                 self.embedder.encoder_id, Purge(tenant, voice_id, fp, False)

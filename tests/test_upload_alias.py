@@ -203,3 +203,35 @@ async def test_reregistering_over_the_socket_skips_the_decode(
         metrics = srv.services.metrics
         assert _value(metrics, "livevoice_upload_aliases_total", outcome="l1") == 1
         assert _value(metrics, "livevoice_upload_aliases_total", outcome="miss") == 1
+
+
+async def test_the_same_record_again_is_written_behind_its_answer_and_a_delete_waits_for_it(
+    speaker_encoder: SpeakerEncoder, redis_server: RedisServer
+) -> None:
+    from live.redis_tier import record_key
+    from tests.server import until_true
+
+    data = reference_wav()
+    async with stores(speaker_encoder, redis_server.url) as (store,):
+        assert store.tier is not None
+        redis = store.tier._client
+        resolved, _ = await resolve(store, data, CountingDecoder())
+        record = await store.aremember("alice", resolved, "mine")
+        key = record_key(record.voice_id)
+        assert await redis.exists(key)  # a new record is in Redis before the answer
+
+        # Lost in Redis without this server hearing of it (a missed purge): the same clip
+        # registered again is answered from here, and the record written back behind it.
+        await redis.delete(key)
+        again = await store.aremember("alice", resolved, "mine")
+        assert again == record
+        await until_true(lambda: not store._rewrites, "the record written again")
+        assert await redis.exists(key)
+
+        # Registered again and deleted at once: the delete waits for the write behind the
+        # answer, so the record does not come back.
+        await store.aremember("alice", resolved, "mine")
+        assert store._rewrites
+        await store.adelete("alice", record.voice_id)
+        await until_true(lambda: not store._rewrites, "no write left")
+        assert not await redis.exists(key)
