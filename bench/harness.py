@@ -127,6 +127,9 @@ class MatchingSizes:
 
 @dataclass
 class LoadSizes:
+    idle_repeats: int = 3
+    """One session says every corpus line in turn, each after the one before has played and a
+    second of quiet, this many times over: first audio on an idle server (0 skips it)."""
     levels: tuple[int, ...] = (1, 16, 32, 64)
     """Chat sessions at ``duty``, starts spread over ``chat_spread_s``."""
     raid_levels: tuple[int, ...] = (16, 32, 64)
@@ -177,6 +180,7 @@ class Sizes:
             MemorySizes(redis_keys=1000, l1_voices=1000, evicting_puts=200),
             FanoutSizes(levels=(1, 5, 10), messages=6, interval_s=0.75, rates=(48000, 16000)),
             LoadSizes(
+                idle_repeats=1,
                 levels=(1, 8),
                 raid_levels=(8,),
                 seconds=8.0,

