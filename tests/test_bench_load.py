@@ -228,3 +228,17 @@ def test_a_full_docs_rewrite_keeps_the_load_section(tmp_path: Path) -> None:
     text = write_docs(results, [], tmp_path).read_text()
     assert "old figures" not in text  # the rest is rewritten
     assert text.endswith("\n\n" + section)
+
+
+def test_the_floor_is_the_wait_that_lets_capacity_keep_up() -> None:
+    from bench.floor import feasible, floor_s
+
+    two = [(0.0, 1.0), (0.0, 1.0)]  # two 1 s lines due at once
+    # One audio second per second: by D + 1 both lines' 2 s must be made, so D >= 1.
+    assert floor_s(two, capacity=1.0) == pytest.approx(1.0, abs=0.06)
+    assert not feasible(two, 0.9, capacity=1.0)
+    assert floor_s(two, capacity=2.0) == 0.0  # each line made as it plays
+    # Work cannot start before a line is due: a later line gains nothing from idle time before.
+    assert floor_s([(0.0, 1.0), (5.0, 1.0), (5.0, 1.0)], capacity=1.0) == pytest.approx(
+        1.0, abs=0.06
+    )
