@@ -186,8 +186,10 @@ class SynthesisScheduler(Generic[S, R]):
         """Each segment's result, in order, as soon as it is synthesized.
 
         ``deadline`` (on the scheduler's clock, ``time.monotonic``): when the listener runs out
-        of the audio it already has (the end of the message before this one); None: it is
-        waiting now, and the first segment is due after the first-audio target. Closing the
+        of the audio it already has (the end of the message before this one); None: what
+        ``heard_until`` says in the caller's context, and when that is None or past, the
+        listener is waiting now and the first segment is due after the first-audio target.
+        A stream with a deadline counts as playing (``PLAYING_FIRST_S``). Closing the
         generator drops the stream's pending segment; one already running finishes and is
         discarded. An error in this stream's iterator or job ends this stream alone.
         """
