@@ -381,6 +381,22 @@ async def test_a_lone_segment_gets_every_core_and_waiting_ones_one_each(
     scheduler.close()
 
 
+async def test_a_lone_segment_far_ahead_of_its_listener_gets_one_core(
+    inference: Inference,
+) -> None:
+    # Listeners with 5 s and 0.5 s in hand, and nothing else waiting: only the one due within
+    # PLAYING_FIRST_S is urgent enough for both cores; the other leaves one free.
+    scheduler = _scheduler(inference, cores=2)
+    far = await asyncio.wait_for(_collect(scheduler.stream(iter(["far1"]), deadline=_NOW + 5)), 30)
+    near = await asyncio.wait_for(
+        _collect(scheduler.stream(iter(["near1"]), deadline=_NOW + 0.5)), 30
+    )
+
+    assert (far, near) == (["far1"], ["near1"])
+    assert inference.taken == [("far1", 1), ("near1", 2)]
+    scheduler.close()
+
+
 async def test_closing_the_scheduler_ends_waiting_streams(inference: Inference) -> None:
     scheduler = _scheduler(inference)
     inference.hold("hold1")
