@@ -39,6 +39,7 @@ from protocol.wordfilter import WordFilter
 from .loudness import MessageLoudness
 from .marks import Marks, MouthEnvelope, MouthMarks, VisemeMark, WordMark
 from .pcm import AudioCap, PcmFramer
+from .scheduler import HeardUntil
 from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_in, speak_marked_in
 from .values import ResolvedVoice
 
@@ -510,6 +511,7 @@ class LocalChannel:
     _task: asyncio.Task[None] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _playback: HeardUntil = field(default_factory=HeardUntil)
 
     @property
     def name(self) -> str:
@@ -682,6 +684,7 @@ class LocalChannel:
         engine, hub = self.hub._engine, self.hub
         self.hub.engine_calls += 1
         listeners = [s for s in self.seats if s.listens]
+        self._playback.begin()  # not due before the last line's audio ends
         kinds: tuple[str, ...] = ()
         if any(s.membership.marks for s in listeners):  # marks cost only when asked for
             marked, kinds = speak_marked_in(engine, line.text, voice)
@@ -708,6 +711,7 @@ class LocalChannel:
                 chunk = cap.take(chunk)
                 spoken += len(chunk)
                 loudness.feed(chunk)
+                self._playback.sent(len(chunk) / engine.sample_rate)
                 if fanout.feed(chunk) and ttfa is None:
                     ttfa = time.perf_counter() - started
                 if cap.reached:

@@ -83,6 +83,33 @@ heard_until: ContextVar[float | None] = ContextVar("livevoice_heard_until", defa
 ``deadline`` takes it from here, through the engine wrappers in between. None, or a moment
 already past: the listener waits now."""
 
+
+class HeardUntil:
+    """Where a listener's audio runs out, kept by whoever sends it messages one after another (a
+    session's speaker, a channel's): each message is taken to start playing at its first audio,
+    or when the audio before it ends if that is later, and to play without a gap."""
+
+    __slots__ = ("_playing", "until")
+
+    def __init__(self) -> None:
+        self.until = 0.0
+        """``time.monotonic`` when the audio sent so far runs out."""
+        self._playing = False
+
+    def begin(self) -> None:
+        """A new message: its synthesis is not due before ``until`` (``heard_until``, in the
+        calling task's context, read when the engine's stream starts)."""
+        heard_until.set(self.until)
+        self._playing = False
+
+    def sent(self, seconds: float) -> None:
+        """Audio of the message went to the listener."""
+        if not self._playing:
+            self.until = max(self.until, time.monotonic())
+            self._playing = True
+        self.until += seconds
+
+
 S = TypeVar("S")
 """A segment: what one inference takes."""
 R = TypeVar("R")

@@ -65,6 +65,7 @@ from .channels import LISTENER_BUFFER_S, ChannelMessage, Fanout, Line, Seat
 from .loudness import MessageLoudness
 from .marks import Marks, MouthEnvelope, VisemeMark, WordMark
 from .pcm import AudioCap, PcmFramer, to_s16le
+from .scheduler import HeardUntil
 from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_marked_in
 from .values import ResolvedVoice
 
@@ -572,6 +573,7 @@ class SharedChannel:
         self._feeding = asyncio.Lock()
         self._wake = asyncio.Event()
         self._speaking: _Speaking | None = None
+        self._playback = HeardUntil()
         self.leading = False
         self.closing = False
         self._cursor = (b"0-0", b"0-0")
@@ -1169,6 +1171,7 @@ class SharedChannel:
         started = time.perf_counter()
         # Marks are always taken from an engine that has them (cheap: ~0.6 ms of CPU a second
         # of audio): listeners on any server may ask for them, and a replay carries them.
+        self._playback.begin()  # not due before the last line's audio ends
         chunks, kinds = speak_marked_in(engine, line.text, voice)  # runs when read
         if not await self._anote(
             key, "t", "start", "key", key, "replayed", int(replayed),
@@ -1193,6 +1196,7 @@ class SharedChannel:
                     )
                 spoken += len(chunk)
                 loudness.feed(chunk)
+                self._playback.sent(len(chunk) / engine.sample_rate)
                 for at in range(0, len(chunk), piece):
                     pcm = to_s16le(chunk[at : at + piece])
                     await self.hub._redis.xadd(

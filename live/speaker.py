@@ -22,7 +22,7 @@ from .loudness import MessageLoudness
 from .marks import Marks, MouthEnvelope
 from .pcm import AudioCap, PcmFramer
 from .pinned import PinnedVoice
-from .scheduler import heard_until
+from .scheduler import HeardUntil
 from .speech import MarkedChunk, SpeechEngine, anext_chunk, speak_in, speak_marked_in
 
 
@@ -50,9 +50,7 @@ class Speaker:
         self._on_ttfa = on_ttfa
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._heard_until = 0.0
-        """When the listener runs out of what was sent (``time.monotonic``): playback of a
-        message taken to start at its first frame, or when the audio before it ends."""
+        self._playback = HeardUntil()
 
     def wake(self) -> None:
         """Something changed: a message was admitted, or the current one cancelled."""
@@ -81,9 +79,7 @@ class Speaker:
     async def _aspeak(self, job: SpeakJob) -> None:
         voice = await self._voice.avoice_of(self._protocol, job)
         engine = self._engine
-        # The synthesis scheduler's hint: this message is not due before the last one's audio
-        # ends (this task's own context, read when the engine's stream starts).
-        heard_until.set(self._heard_until)
+        self._playback.begin()  # not due before the last message's audio ends
         rate = job.sample_rate or engine.sample_rate
         if job.marks:
             marked, kinds = speak_marked_in(engine, job.text, voice)
@@ -104,9 +100,7 @@ class Speaker:
             nonlocal ttfa
             if not self._protocol.audio(job, frame):
                 return False
-            if ttfa is None:
-                self._heard_until = max(self._heard_until, time.monotonic())
-            self._heard_until += len(frame) / 2 / rate
+            self._playback.sent(len(frame) / 2 / rate)
             await self._flush()
             if ttfa is None:
                 ttfa = time.perf_counter() - started

@@ -321,6 +321,23 @@ async def test_pause_resume_skip_clear_and_cancel_by_id(encoder_worker: EncoderW
         assert isinstance(refused, Error) and refused.code == "not_a_speaker"
 
 
+async def test_a_channel_s_next_line_is_due_when_the_audio_it_sent_runs_out(
+    encoder_worker: EncoderWorker,
+) -> None:
+    engine = GatedEngine(auto=True)  # 0.5 s of audio per sentence, made at once
+    async with bot_and_overlay(encoder_worker, engine) as (bot, overlay):
+        await bot.asend({"type": "speak", "id": "a", "text": "One. Two. Three. Four."})
+        await bot.asend({"type": "speak", "id": "b", "text": "Five."})
+        for line in ("a", "b"):
+            await until_message(
+                overlay, lambda m, line=line: isinstance(m, AudioEnd) and m.id == line
+            )
+    (first_at, first_hint), (second_at, second_hint) = engine.heard_until
+    assert first_hint is None or first_hint <= first_at  # nothing was playing
+    # "a" is 2 s of audio sent within milliseconds: its listeners have nearly all of it in hand.
+    assert second_hint is not None and 1.5 < second_hint - second_at <= 2.0
+
+
 SMALL_BUFFER = 16 * 1024
 
 
