@@ -290,16 +290,16 @@ def _next_word(phonemes: Sequence[str], start: int) -> str:
     end = start
     while end < len(phonemes) and phonemes[end] != " ":
         end += 1
-    return "".join(p for p in phonemes[start:end] if p not in _STRESS)
+    return _unstressed(phonemes[start:end])
+
+
+def _unstressed(phonemes: Sequence[str]) -> str:
+    return "".join(p for p in phonemes if p not in _STRESS and p != " ")
 
 
 def phrase_words(phonemize: Callable[[str], list[list[str]]]) -> frozenset[str]:
     """``PHRASE_WORDS`` as ``phonemize`` writes them alone, without stress marks."""
-    return frozenset(
-        "".join(p for p in sentence if p not in _STRESS and p != " ")
-        for word in PHRASE_WORDS
-        for sentence in phonemize(word)
-    )
+    return frozenset(_unstressed(sentence) for word in PHRASE_WORDS for sentence in phonemize(word))
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,12 +683,11 @@ class PiperEngine:
         voice: Embedding,
         *,
         profile: VoiceProfile | None = None,
-        deadline: float | None = None,
     ) -> AsyncGenerator[np.ndarray, None]:
-        """``deadline`` (``time.monotonic()``): when the listener's earlier audio ends, if later
-        than now; the first sentence is not due before it. None: the listener waits now."""
+        """The first sentence is not due before the listener's earlier audio ends, as the
+        sender says in ``live.scheduler.heard_until`` (it passes through engine wrappers)."""
         match = None if profile is None else self.match(profile)
-        made = self._scheduler.stream(self._steps(text, match), deadline=deadline)
+        made = self._scheduler.stream(self._steps(text, match))
         async with contextlib.aclosing(made):
             async for chunk in made:
                 if chunk is not None:
@@ -700,11 +699,10 @@ class PiperEngine:
         voice: Embedding,
         *,
         profile: VoiceProfile | None = None,
-        deadline: float | None = None,
     ) -> AsyncGenerator[MarkedChunk, None]:
         """:meth:`stream` with each chunk's words and visemes (when ``aligned``)."""
         match = None if profile is None else self.match(profile)
-        made = self._scheduler.stream(self._marked_steps(text, match), deadline=deadline)
+        made = self._scheduler.stream(self._marked_steps(text, match))
         async with contextlib.aclosing(made):
             async for chunk in made:
                 if chunk is not None:
