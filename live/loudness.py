@@ -224,9 +224,7 @@ class LoudnessEngine(WrappedEngine):
         reference_text: str = REFERENCE_TEXT,
         capacity: int = 4096,
     ) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
+        super().__init__(inner)
         self.target_lufs = target_lufs
         self.ceiling_dbtp = ceiling_dbtp
         self.reference_text = reference_text

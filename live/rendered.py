@@ -104,9 +104,7 @@ class RenderedSpeech(WrappedEngine):
         budget_bytes: int,
         max_entry_bytes: int,
     ) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
+        super().__init__(inner)
         self.tier = tier
         self.metrics = metrics
         self.ttl_s = ttl_s

@@ -18,6 +18,11 @@ class WrappedEngine:
 
     inner: SpeechEngine
 
+    def __init__(self, inner: SpeechEngine) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.sample_rate = inner.sample_rate
+
     @property
     def aligned(self) -> bool:
         """Whether lines come with word and viseme marks (the inner engine's alignments)."""
