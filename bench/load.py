@@ -559,14 +559,13 @@ async def arun_load(ctx: BenchContext, sizes: LoadSizes, deadline: float) -> dic
             for server in servers:
                 await awarm(server, clip)
             one_run = sizes.seconds + 10.0
-            idle_run = sizes.idle_repeats * (sum(durations) + len(durations) * IDLE_GAP_S) + 10.0
 
             async def pair(mode: str, level: int, turn: int) -> None:
                 """Both servers, one after the other; who goes first alternates."""
                 run = plan_run(mode, level, sizes, durations)
                 order = servers if turn % 2 == 0 else servers[::-1]
                 for server in order:
-                    if time.perf_counter() + (idle_run if mode == "idle" else one_run) > deadline:
+                    if time.perf_counter() + run.get("seconds", sizes.seconds) + 10.0 > deadline:
                         skipped.append(f"{server.name} {mode} {level}")
                         continue
                     runs.append(await arun_one(server, run, sizes))
