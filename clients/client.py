@@ -330,7 +330,7 @@ class LivevoiceClient:
         self._clip: tuple[str, bytes, str | None, str | None] | None = None
         self._match: bool | None = None
         """The pinned voice's ``match`` (None: the server's default, matched), kept for
-        reconnects."""
+        reconnects; changed only once a request with another one pinned its voice."""
         """Voice id, clip, name and format of the last registration: the reconnect fallback."""
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -436,9 +436,9 @@ class LivevoiceClient:
         limit = self.ready.limits.get("max_clip_bytes") if self.ready else None
         if isinstance(limit, int) and len(clip) > limit:
             raise ClipTooLarge(f"the clip is {len(clip)} bytes; this server takes {limit}")
-        self._match = match
-        ready = await self._aregister(clip, name, format)
+        ready = await self._aregister(clip, name, format, match)
         self._clip = (ready.voice_id, clip, name, format)
+        self._match = match
         return ready
 
     async def ause(self, voice_id: str, *, match: bool | None = None) -> VoiceReady:
@@ -448,18 +448,18 @@ class LivevoiceClient:
         ``voice_not_found`` is final.
         """
         await self._await_online()
+        ready = await self._ause_retrying(voice_id, match)
         self._match = match
-        ready = await self._ause_retrying(voice_id)
         self.voice = ready
         return ready
 
-    async def _ause_retrying(self, voice_id: str) -> VoiceReady:
+    async def _ause_retrying(self, voice_id: str, match: bool | None) -> VoiceReady:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         attempt = 0
         while True:
             try:
-                ready = await self._avoice_request(VoiceUse(voice_id=voice_id, match=self._match))
+                ready = await self._avoice_request(VoiceUse(voice_id=voice_id, match=match))
             except VoiceUnavailable:
                 delay = self.backoff.delay(attempt)
                 if loop.time() + delay > deadline:
@@ -674,7 +674,7 @@ class LivevoiceClient:
         try:
             # VoiceUnavailable after the retries propagates: the reconnect loop tries again
             # later, still holding the voice.
-            self.voice = await self._ause_retrying(voice_id)
+            self.voice = await self._ause_retrying(voice_id, self._match)
         except VoiceNotFound:
             if self._clip is None or self._clip[0] != voice_id:
                 # Nothing to upload: go on without a voice; speak answers no_voice until one is set.
@@ -683,7 +683,7 @@ class LivevoiceClient:
                 return
             log.warning("server no longer knows voice %s; uploading the clip again", voice_id)
             self.clip_reuploads += 1
-            await self._aregister(*self._clip[1:])
+            await self._aregister(*self._clip[1:], self._match)
 
     async def _asupervise(self) -> None:
         """Waits for the socket to end, then reconnects until it works or the client gives up."""
@@ -768,9 +768,11 @@ class LivevoiceClient:
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise ConnectionLost(f"sending failed: {exc}") from exc
 
-    async def _aregister(self, clip: bytes, name: str | None, format: str | None) -> VoiceReady:
+    async def _aregister(
+        self, clip: bytes, name: str | None, format: str | None, match: bool | None
+    ) -> VoiceReady:
         ready = await self._avoice_request(
-            VoiceRegister(name=name, format=format, match=self._match), clip
+            VoiceRegister(name=name, format=format, match=match), clip
         )
         assert isinstance(ready, VoiceReady)
         self.voice = ready
