@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 import uuid
@@ -65,6 +66,7 @@ from protocol.client import (
     error_from_wire,
 )
 from protocol.errors import (
+    ClipNeeded,
     ClipTooLarge,
     Unauthorized,
     Unsupported,
@@ -323,15 +325,17 @@ class LivevoiceClient:
         """The voice pinned by the last ``aregister`` / ``ause``; re-pinned on reconnect."""
         self.reconnects = 0
         """Sessions opened after a drop."""
+        self.clip_uploads = 0
+        """Clips sent (``aregister`` by ``sha256`` sends one only on ``clip_needed``)."""
         self.clip_reuploads = 0
         """Reconnects where the server no longer knew the voice id and the clip was sent again."""
         self.voice_retries = 0
         """``voice.use`` answers of ``voice_unavailable`` retried (the voice was kept)."""
         self._clip: tuple[str, bytes, str | None, str | None] | None = None
+        """Voice id, clip, name and format of the last registration: the reconnect fallback."""
         self._match: bool | None = None
         """The pinned voice's ``match`` (None: the server's default, matched), kept for
         reconnects; changed only once a request with another one pinned its voice."""
-        """Voice id, clip, name and format of the last registration: the reconnect fallback."""
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -426,9 +430,15 @@ class LivevoiceClient:
         format: str | None = None,
         *,
         match: bool | None = None,
+        by_sha256: bool = True,
     ) -> VoiceReady:
         """Uploads a reference clip and pins its voice. The bytes are kept for reconnects.
-        ``match=False``: speak in the engine's own voice, not matched to the clip."""
+        ``match=False``: speak in the engine's own voice, not matched to the clip.
+
+        ``by_sha256`` (the default): first ask by the SHA-256 of the bytes alone, and upload
+        them only when the server answers ``clip_needed`` — a clip this tenant registered
+        before (from this process or any other) is answered without sending ~1 MB again, a
+        new one costs one extra round trip. :attr:`clip_uploads` counts the uploads."""
         if format is not None and format not in CLIP_FORMATS:
             # Checked here: the server would answer twice (unsupported, then unexpected_binary).
             raise Unsupported(f"clip format {format!r} is not one of {', '.join(CLIP_FORMATS)}")
@@ -436,7 +446,7 @@ class LivevoiceClient:
         limit = self.ready.limits.get("max_clip_bytes") if self.ready else None
         if isinstance(limit, int) and len(clip) > limit:
             raise ClipTooLarge(f"the clip is {len(clip)} bytes; this server takes {limit}")
-        ready = await self._aregister(clip, name, format, match)
+        ready = await self._aregister(clip, name, format, match, by_sha256=by_sha256)
         self._clip = (ready.voice_id, clip, name, format)
         self._match = match
         return ready
@@ -769,11 +779,23 @@ class LivevoiceClient:
             raise ConnectionLost(f"sending failed: {exc}") from exc
 
     async def _aregister(
-        self, clip: bytes, name: str | None, format: str | None, match: bool | None
+        self,
+        clip: bytes,
+        name: str | None,
+        format: str | None,
+        match: bool | None,
+        *,
+        by_sha256: bool = False,
     ) -> VoiceReady:
-        ready = await self._avoice_request(
-            VoiceRegister(name=name, format=format, match=match), clip
-        )
+        register = VoiceRegister(name=name, format=format, match=match)
+        ready: VoiceReady | VoiceDeleted | None = None
+        if by_sha256:
+            sha256 = hashlib.sha256(clip).hexdigest()
+            with contextlib.suppress(ClipNeeded):
+                ready = await self._avoice_request(dataclasses.replace(register, sha256=sha256))
+        if ready is None:
+            self.clip_uploads += 1
+            ready = await self._avoice_request(register, clip)
         assert isinstance(ready, VoiceReady)
         self.voice = ready
         return ready
@@ -785,7 +807,8 @@ class LivevoiceClient:
         done: asyncio.Future[VoiceReady | VoiceDeleted] = asyncio.get_running_loop().create_future()
         async with self._send_lock:
             if isinstance(message, VoiceRegister):
-                request_id = self._wire.send_voice_register(message, clip or b"")
+                data = None if message.sha256 is not None else clip or b""
+                request_id = self._wire.send_voice_register(message, data)
             elif isinstance(message, VoiceUse):
                 request_id = self._wire.send_voice_use(message)
             else:

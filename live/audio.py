@@ -112,7 +112,8 @@ class CanonicalClip:
 
 
 UploadDigest = NewType("UploadDigest", str)
-"""Hex SHA-256 of an upload's exact bytes: the key of its alias (:class:`UploadAlias`)."""
+"""The key of an upload's alias (:class:`UploadAlias`), derived from the SHA-256 of its exact
+bytes (:func:`upload_digest`, or :func:`alias_digest` of the ``sha256`` a client sent)."""
 
 
 def upload_digest(data: bytes) -> UploadDigest:
@@ -120,12 +121,18 @@ def upload_digest(data: bytes) -> UploadDigest:
 
     SHA-256, not BLAKE2b as the fingerprint: an alias is looked up on every registration, and
     with the SHA extensions of any recent x86 or ARM core it hashes an 830 KB clip in ~0.5 ms
-    against BLAKE2b's ~1 ms. Cryptographic either way: the alias lives in a cache shared by
-    tenants, and a collision would hand one tenant's bytes another's voice.
+    against BLAKE2b's ~1 ms; and it is the hash a client can send instead of the bytes
+    (``voice.register`` with ``sha256``), which browsers compute natively. Cryptographic either
+    way: the alias lives in a cache shared by tenants, and a collision would hand one tenant's
+    bytes another's voice.
     """
-    digest = hashlib.sha256(_UPLOAD_DOMAIN)
-    digest.update(data)  # no concatenated copy of the clip
-    return UploadDigest(digest.hexdigest())
+    return alias_digest(hashlib.sha256(data).digest())
+
+
+def alias_digest(sha256: bytes) -> UploadDigest:
+    """The alias key of the bytes whose SHA-256 is ``sha256`` (32 bytes): that hash under the
+    upload domain, which names the decode, so a new decode never follows an old alias."""
+    return UploadDigest(hashlib.sha256(_UPLOAD_DOMAIN + sha256).hexdigest())
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from protocol.messages import (
     Played,
     Speak,
     VoiceDelete,
+    VoiceRegister,
     VoiceUse,
 )
 from protocol.state import CHANNEL_CONTROLS, SAMPLE_RATES, Membership
@@ -245,6 +246,12 @@ class Session:
             request = self.protocol.newest_voice_request
             assert request is not None
             self._spawn(self.requests.ause(self.tenant, message, request))
+        elif isinstance(message, VoiceRegister) and message.sha256 is not None:
+            # R2: no clip follows; like voice.use it decodes nothing and computes nothing, so
+            # it takes no registration token.
+            request = self.protocol.newest_voice_request
+            assert request is not None
+            self._spawn(self.requests.aregister_sent(self.tenant, message, request))
         elif isinstance(message, VoiceDelete):
             await self.requests.adelete(self.tenant, message)
         elif isinstance(message, Played):

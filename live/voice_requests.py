@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from protocol.errors import InternalError, LivevoiceError
-from protocol.messages import VoiceDelete, VoiceReady, VoiceUse
+from protocol.messages import VoiceDelete, VoiceReady, VoiceRegister, VoiceUse
 from protocol.state import ClipUpload, ServerProtocol, VoiceRequest
 
 from .matching import VoiceMatching
@@ -63,6 +63,34 @@ class VoiceRequests:
                 start,
                 quality=quality.to_wire(),
                 match=upload.register.match is not False,
+            )
+
+    async def aregister_sent(
+        self, tenant: str, register: VoiceRegister, request: VoiceRequest
+    ) -> None:
+        """A ``voice.register`` by ``sha256``: the voice of the clip this tenant sent before,
+        without the upload; ``clip_needed`` when it is not known (the client sends the clip)."""
+        assert register.sha256 is not None  # the protocol checked it (R2)
+        start = time.perf_counter()
+        limits = self._limits
+        try:
+            resolved, quality = await self._store.aresolve_sent(
+                tenant,
+                bytes.fromhex(register.sha256),
+                min_s=limits.min_clip_s,
+                max_s=limits.max_clip_s,
+            )
+            record = await self._store.aremember(tenant, resolved, register.name)
+        except Exception as exc:
+            self.failed(request, exc)
+        else:
+            self._pin(
+                request,
+                record,
+                resolved,
+                start,
+                quality=quality.to_wire(),
+                match=register.match is not False,
             )
 
     async def ause(self, tenant: str, use: VoiceUse, request: VoiceRequest) -> None:

@@ -17,13 +17,20 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.errors import EncoderBusy, EncoderFailed, VoiceNotFound, VoiceUnavailable
+from protocol.errors import (
+    ClipNeeded,
+    EncoderBusy,
+    EncoderFailed,
+    VoiceNotFound,
+    VoiceUnavailable,
+)
 
 from .audio import (
     CanonicalClip,
     ClipQuality,
     UploadAlias,
     UploadDigest,
+    alias_digest,
     canonicalize,
     upload_digest,
 )
@@ -357,21 +364,10 @@ class VoiceStore:
             digest = upload_digest(data)
         else:
             digest = await asyncio.to_thread(upload_digest, data)
-        alias, where = self.aliases.get(digest), "l1"
-        if alias is None and self.tier is not None:
-            raw = await self.tier.aget_alias(digest)
-            alias, where = (UploadAlias.decode(raw) if raw is not None else None), "redis"
-        if alias is not None and min_s <= alias.duration_s <= max_s:
-            resolved = await self._aknown(alias.fingerprint, start)
-            if resolved is not None:
-                self.metrics.upload_aliases.labels(where).inc()
-                if where == "redis":
-                    self.aliases.put(digest, alias)
-                return resolved, alias.quality
-            where = "stale"  # its embedding is gone (expired, or purged): decode again
-        else:
-            where = "miss"
-        self.metrics.upload_aliases.labels(where).inc()
+        known = await self._afollow(digest, min_s, max_s, start)
+        if known is not None:
+            resolved, alias = known
+            return resolved, alias.quality
         if adecode is None:
             clip = await asyncio.to_thread(canonicalize, data, min_s=min_s, max_s=max_s)
         else:
@@ -382,6 +378,55 @@ class VoiceStore:
         if self.tier is not None:
             await self.tier.aput_alias(digest, fresh.encode())
         return resolved, clip.quality
+
+    async def aresolve_sent(
+        self, tenant: str, sha256: bytes, *, min_s: float, max_s: float
+    ) -> tuple[ResolvedVoice, ClipQuality]:
+        """The embedding and quality of a clip this tenant uploaded before, known by the SHA-256
+        of its bytes alone (``voice.register`` with ``sha256``: no upload); never decodes or
+        computes.
+
+        ``ClipNeeded`` unless the bytes' alias, their content's embedding *and* this tenant's
+        voice record for that content are all still known: a hash proves nothing about holding
+        the audio, a record says the tenant sent it (registering still requires the audio,
+        once). Another tenant's bytes, deleted or expired voices and a Redis that does not
+        answer all get the same answer — send the clip.
+        """
+        start = time.perf_counter()
+        known = await self._afollow(alias_digest(sha256), min_s, max_s, start)
+        if known is not None:
+            resolved, alias = known
+            voice_id = voice_id_for(tenant, resolved.fingerprint)
+            record = self.record(tenant, voice_id)
+            if record is None and self.tier is not None:
+                _, record = await self.tier.aget_record(tenant, voice_id)
+                if record is not None:
+                    self._keep_record(tenant, record)
+            if record is not None and record.fingerprint == resolved.fingerprint:
+                return resolved, alias.quality
+        raise ClipNeeded("these bytes are not a voice of this tenant here: send the clip")
+
+    async def _afollow(
+        self, digest: UploadDigest, min_s: float, max_s: float, start: float
+    ) -> tuple[ResolvedVoice, UploadAlias] | None:
+        """The cached embedding an upload's alias leads to (L1, then Redis), or None: no alias,
+        out of the limits, or its embedding is gone (counted as ``stale``)."""
+        alias, where = self.aliases.get(digest), "l1"
+        if alias is None and self.tier is not None:
+            raw = await self.tier.aget_alias(digest)
+            alias, where = (UploadAlias.decode(raw) if raw is not None else None), "redis"
+        if alias is not None and min_s <= alias.duration_s <= max_s:
+            resolved = await self._aknown(alias.fingerprint, start)
+            if resolved is not None:
+                self.metrics.upload_aliases.labels(where).inc()
+                if where == "redis":
+                    self.aliases.put(digest, alias)
+                return resolved, alias
+            where = "stale"  # its embedding is gone (expired, or purged): decode again
+        else:
+            where = "miss"
+        self.metrics.upload_aliases.labels(where).inc()
+        return None
 
     async def _aknown(self, fp: Fingerprint, start: float) -> ResolvedVoice | None:
         """The cached embedding of a content, from L1 or Redis; never computes."""

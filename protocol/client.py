@@ -282,13 +282,17 @@ class ClientProtocol:
     def send_ping(self, ping: Ping) -> None:
         self._out.append(encode(ping))
 
-    def send_voice_register(self, register: VoiceRegister, clip: bytes) -> str:
-        """``voice.register`` and the clip; the request id (one is given when absent)."""
+    def send_voice_register(self, register: VoiceRegister, clip: bytes | None) -> str:
+        """``voice.register`` and the clip; the request id (one is given when absent). A
+        register by ``sha256`` is sent alone (``clip`` None): no clip follows it."""
+        if (register.sha256 is None) == (clip is None):
+            raise ValueError("voice.register takes the clip, or its sha256 and no clip")
         register = self._with_id(register)
         assert register.id is not None
         self._voice_calls[register.id] = _VoiceCall(register)
         self._out.append(encode(register))
-        self._out.append(bytes(clip))
+        if clip is not None:
+            self._out.append(bytes(clip))
         return register.id
 
     def send_voice_use(self, use: VoiceUse) -> str:
@@ -322,7 +326,7 @@ class ClientProtocol:
     def send(self, message: Message, clip: bytes | None = None) -> None:
         """Any client message, through the method that tracks it."""
         if isinstance(message, VoiceRegister):
-            self.send_voice_register(message, clip or b"")
+            self.send_voice_register(message, None if message.sha256 else clip or b"")
         elif isinstance(message, VoiceUse):
             self.send_voice_use(message)
         elif isinstance(message, VoiceDelete):

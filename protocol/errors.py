@@ -147,6 +147,13 @@ class ClipEmpty(RequestRejected):
     code = "clip_empty"
 
 
+class ClipNeeded(RequestRejected):
+    """A ``voice.register`` by ``sha256`` for bytes this tenant has no voice from (never sent,
+    deleted, or expired): send the clip itself."""
+
+    code = "clip_needed"
+
+
 class ClipNotAudio(RequestRejected):
     code = "clip_not_audio"
 

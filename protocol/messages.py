@@ -99,7 +99,8 @@ class Hello(Message):
 
 @dataclass(frozen=True, slots=True)
 class VoiceRegister(Message):
-    """Announces a reference clip; the next frame must be the clip itself, as one binary frame."""
+    """Announces a reference clip; the next frame must be the clip itself, as one binary frame.
+    With ``sha256`` no clip follows: the server answers from the clip it was sent before."""
 
     TYPE: ClassVar[str] = "voice.register"
     name: str | None = None
@@ -110,6 +111,9 @@ class VoiceRegister(Message):
     """Optional request id, echoed in the answer (or the error) so requests can overlap."""
     match: bool | None = None
     """False: speak in the engine's own voice, not matched to this clip (default: matched)."""
+    sha256: str | None = None
+    """Hex SHA-256 (64 lowercase digits) of a clip's exact bytes this tenant registered before:
+    answered ``voice.ready`` without the upload, or ``clip_needed`` (send the clip)."""
 
 
 @dataclass(frozen=True, slots=True)

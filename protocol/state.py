@@ -13,11 +13,15 @@ The rules, numbered so code and tests can name them:
   speak's id); a protocol version other than ours is ``unsupported``. A second ``hello`` is
   ``unexpected_message``.
 - **R2 clip.** ``voice.register`` moves to ``AWAIT_CLIP``: the next frame must be the clip as one
-  binary frame. A text frame there drops the registration (``clip_expected``, with its id) and is
-  not read. A binary frame anywhere else is ``unexpected_binary``. An unknown clip format is
-  ``unsupported``; an empty clip ``clip_empty``; one over ``max_clip_bytes`` ``clip_too_large``.
-- **R3 voice requests.** A clip that arrived, or a ``voice.use``, starts a voice request; speaks
-  accepted after it are spoken in its voice. Requests are answered as they complete, each with its
+  binary frame — unless it carries ``sha256`` (64 lowercase hex digits, else ``bad_message``):
+  then no clip follows, and it starts a voice request at once (R3), answered from the clip the
+  tenant sent before or with ``clip_needed``. A text frame where the clip was expected drops
+  the registration (``clip_expected``, with its id) and is not read. A binary frame anywhere
+  else is ``unexpected_binary``. An unknown clip format is ``unsupported``; an empty clip
+  ``clip_empty``; one over ``max_clip_bytes`` ``clip_too_large``.
+- **R3 voice requests.** A clip that arrived, a ``voice.register`` by ``sha256``, or a
+  ``voice.use``, starts a voice request; speaks accepted after it are spoken in its voice.
+  Requests are answered as they complete, each with its
   ``id``: ``voice.ready`` (the voice is pinned) or an ``error``.
 - **R4 fallback.** When a request fails, the speaks accepted under it are spoken in the voice
   requested before it, and so on back; only when none is left do they end ``voice_failed``, and
@@ -166,6 +170,7 @@ SAMPLE_RATES = (16000, 22050, 24000, 48000)
 
 ROLES = ("speak", "listen", "both")
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 CHANNEL_CONTROLS = (ChannelPause, ChannelResume, ChannelSkip, ChannelClear)
 MAX_PRIORITY = 9
 """The highest lane of a channel speak (R15): paid events, raids; 0 is plain chat."""
@@ -438,6 +443,14 @@ class ServerProtocol:
                 raise Unsupported(
                     f"clip format must be one of {', '.join(CLIP_FORMATS)}", message_id=message.id
                 )
+            if message.sha256 is not None:
+                if not _SHA256.fullmatch(message.sha256):
+                    raise BadMessage(
+                        "voice.register: sha256 must be 64 lowercase hex digits",
+                        message_id=message.id,
+                    )
+                self._start_voice(message.id)  # R3: no clip follows
+                return message
             self.state = SessionState.AWAIT_CLIP
             self._register = message
         elif isinstance(message, VoiceUse):
@@ -585,7 +598,8 @@ class ServerProtocol:
 
     @property
     def newest_voice_request(self) -> VoiceRequest | None:
-        """The request new speaks are bound to: after ``voice.use``, the one it started."""
+        """The request new speaks are bound to: after ``voice.use`` or a ``voice.register`` by
+        ``sha256``, the one it started."""
         return self._voice
 
     # --- speaks (R7, R9, R10) -----------------------------------------------------------------

@@ -122,7 +122,17 @@ message_like = st.fixed_dictionaries(
     {"type": st.sampled_from([*CLIENT_MESSAGES, "x", ""])},
     optional={
         k: json_values
-        for k in ("id", "text", "token", "voice_id", "name", "format", "sample_rate", "protocol")
+        for k in (
+            "id",
+            "text",
+            "token",
+            "voice_id",
+            "name",
+            "format",
+            "sample_rate",
+            "protocol",
+            "sha256",
+        )
     },
 )
 frames = st.one_of(

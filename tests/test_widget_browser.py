@@ -162,6 +162,12 @@ async def test_widget_registers_speaks_gaplessly_and_skips(
             await page.set_input_files("#clip", str(clip_path))
             voice = await wait_for(page, "window.livevoice.voice")
             assert voice["voice_id"].startswith("v_") and voice["source"] == "encoder"
+            # The same clip again (a reloaded browser source): answered by its SHA-256 alone.
+            again = await page.evaluate(
+                "() => window.livevoice.register(document.getElementById('clip').files[0])"
+            )
+            assert again["voice_id"] == voice["voice_id"] and again["source"] == "l1"
+            assert (await hooks(page))["counters"]["clipUploads"] == 1
 
             assert await page.evaluate("window.heardLevelDb()") < AUDIBLE_DB - 20  # silence
 

@@ -31,7 +31,7 @@ const F = (name, kind, required = false, dflt = undefined) => ({ name, kind, req
 
 export const CLIENT_MESSAGES = {
   hello: [F("token", "str"), F("client", "str"), F("protocol", "int")],
-  "voice.register": [F("name", "str"), F("format", "str"), F("id", "str"), F("match", "bool")],
+  "voice.register": [F("name", "str"), F("format", "str"), F("id", "str"), F("match", "bool"), F("sha256", "str")],
   "voice.use": [F("voice_id", "str", true), F("id", "str"), F("match", "bool")],
   "voice.delete": [F("voice_id", "str", true), F("id", "str")],
   speak: [
@@ -145,7 +145,7 @@ export const SERVER_MESSAGES = {
 export const ERROR_CODES = [
   "bad_json", "bad_message", "unknown_type", "unexpected_binary", "bad_audio_frame",
   "frame_too_large", "bad_utf8", "hello_required", "hello_timeout", "unauthorized", "unexpected_message",
-  "idle_timeout", "too_many_sessions", "rate_limited", "clip_expected", "unsupported", "no_voice",
+  "idle_timeout", "too_many_sessions", "rate_limited", "clip_expected", "clip_needed", "unsupported", "no_voice",
   "voice_not_found", "voice_unavailable", "clip_empty", "clip_not_audio", "clip_silent", "clip_too_short",
   "clip_too_long", "clip_too_large", "clip_not_speech", "encoder_failed", "encoder_busy", "voice_failed",
   "empty_text", "text_too_long", "queue_full", "duplicate_id",
@@ -233,8 +233,8 @@ export function encode(message) {
 
 // Builders for what a client sends.
 export const hello = ({ token, client, protocol = PROTOCOL_VERSION } = {}) => encode({ type: "hello", token, client, protocol });
-export const voiceRegister = ({ name, format, id, match } = {}) =>
-  encode({ type: "voice.register", name, format, id, match });
+export const voiceRegister = ({ name, format, id, match, sha256 } = {}) =>
+  encode({ type: "voice.register", name, format, id, match, sha256 });
 export const voiceUse = (voiceId, { id, match } = {}) => encode({ type: "voice.use", voice_id: voiceId, id, match });
 export const voiceDelete = (voiceId, { id } = {}) => encode({ type: "voice.delete", voice_id: voiceId, id });
 export const speak = (id, text, { sampleRate, user, kind, priority, interrupt, expireS, voiceId } = {}) =>

@@ -76,6 +76,7 @@ const hooks = {
     messagesFailed: 0,
     reconnects: 0,
     clipReuploads: 0,
+    clipUploads: 0, // clips sent (a clip registered by its hash alone is not)
     messagesHeard: 0, // channel messages that started here as a listener
     marksReceived: 0, // audio.marks messages for a stream heard here
   },
@@ -366,7 +367,7 @@ async function onReady(msg) {
     } catch (exc) {
       if (exc.code === "voice_not_found" && clip && clip.voiceId === voiceId) {
         hooks.counters.clipReuploads += 1;
-        await sendClip(clip);
+        await sendClip(clip, { byHash: false }); // the server forgot the voice: its hash misses too
       } else {
         report(exc.code, `voice ${voiceId}: ${exc.message}`);
       }
@@ -698,8 +699,30 @@ function clipFormat(name) {
   return ["wav", "flac", "ogg", "mp3"].includes(ext) ? ext : undefined;
 }
 
-async function sendClip(c) {
-  const ready = await voiceRequest([lv.voiceRegister({ name: c.name, format: c.format }), c.bytes]);
+/** Hex SHA-256 of `bytes`; null where the page has no Web Crypto (not a secure context). */
+async function sha256Hex(bytes) {
+  if (!globalThis.crypto || !crypto.subtle) return null;
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** Registers the clip by its SHA-256 first (a clip this tenant sent before needs no upload: a
+ * reloaded browser source) and uploads it only when the server answers clip_needed. */
+async function sendClip(c, { byHash = true } = {}) {
+  if (c.sha256 === undefined) c.sha256 = await sha256Hex(c.bytes);
+  const fields = { name: c.name, format: c.format };
+  let ready = null;
+  if (byHash && c.sha256) {
+    try {
+      ready = await voiceRequest([lv.voiceRegister({ ...fields, sha256: c.sha256 })]);
+    } catch (exc) {
+      if (exc.code !== "clip_needed") throw exc;
+    }
+  }
+  if (!ready) {
+    hooks.counters.clipUploads += 1;
+    ready = await voiceRequest([lv.voiceRegister(fields), c.bytes]);
+  }
   c.voiceId = ready.voice_id;
   return ready;
 }
