@@ -293,7 +293,7 @@ class ServerError(Exception):
 @dataclass(frozen=True, slots=True)
 class Registration:
     seconds: float
-    """Client round trip: register + clip upload to ``voice.ready``."""
+    """Client round trip: register + clip upload (or its hash) to ``voice.ready``."""
     source: str
     server_ms: float
     """``voice.ready.ms``: the server's clip decode plus lookup."""
@@ -340,10 +340,21 @@ class WsSession:
         raise ConnectionError(f"socket ended: {msg.type.name} {msg.data!r}")
 
     async def aregister(
-        self, clip: bytes, *, name: str | None = None, match: bool | None = None
+        self,
+        clip: bytes,
+        *,
+        name: str | None = None,
+        match: bool | None = None,
+        by_sha256: bool = False,
     ) -> Registration:
+        """Register ``clip``: uploaded, or ``by_sha256`` its hash alone (computed here, inside
+        the round trip; ``clip_needed`` raises)."""
         start = time.perf_counter()
-        await self.asend(VoiceRegister(name=name, format="wav", match=match), clip)
+        if by_sha256:
+            sha256 = hashlib.sha256(clip).hexdigest()
+            await self.asend(VoiceRegister(name=name, format="wav", match=match, sha256=sha256))
+        else:
+            await self.asend(VoiceRegister(name=name, format="wav", match=match), clip)
         while not isinstance(event := await self.anext_event(), VoiceAnswered | VoiceRequestFailed):
             pass
         seconds = time.perf_counter() - start

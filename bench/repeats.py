@@ -5,10 +5,11 @@ and an alert line spoken again.
 rendered-audio cache on) on free loopback ports, and one client in this process:
 
 1. **Re-registering a clip**: an 8.65 s 48 kHz 16-bit WAV (~830 KB), round trip from sending
-   ``voice.register`` + the clip to ``voice.ready``, ``--tries`` times. Side by side: the same
-   bytes each time (the upload alias: no decode) and the same samples in new bytes each time
-   (a WAV with one more private chunk: decoded, then an L1 hit by content — what every
-   re-registration cost before the alias).
+   ``voice.register`` to ``voice.ready``, ``--tries`` times. Side by side: the clip's SHA-256
+   alone (registering by hash, no upload; the client hashes the bytes inside the round trip),
+   the same bytes uploaded each time (the upload alias: no decode) and the same samples in new
+   bytes each time (a WAV with one more private chunk: decoded, then an L1 hit by content —
+   what every re-registration cost before the alias).
 2. **A repeated line**: ``--lines`` distinct alert lines, each spoken once (synthesized) and then
    once more (from the rendered-audio cache). TTFA on the client (``speak`` sent → first audio
    frame) and the server's own (``audio.end.ttfa_ms``), and the server process's CPU seconds
@@ -117,13 +118,15 @@ async def areregister(session: WsSession, tries: int) -> dict[str, Any]:
     clip = clip_48k()
     await session.aregister(clip)  # new: decoded and embedded once
     await session.aregister(same_samples_new_bytes(clip, 0))  # warm the decode path
-    alias, decoded = [], []
+    hashed, alias, decoded = [], [], []
     for n in range(1, tries + 1):
-        # Interleaved, so both see the same machine.
+        # Interleaved, so all three see the same machine.
+        hashed.append((await session.aregister(clip, by_sha256=True)).seconds)
         alias.append((await session.aregister(clip)).seconds)
         decoded.append((await session.aregister(same_samples_new_bytes(clip, n))).seconds)
     return {
         "clip_bytes": len(clip),
+        "by_sha256_ms": percentiles_ms(hashed),
         "same_bytes_ms": percentiles_ms(alias),
         "same_samples_new_bytes_ms": percentiles_ms(decoded),
     }
@@ -190,6 +193,7 @@ def report(result: dict[str, Any]) -> str:
     reg, rep = result["reregister"], result["repeated_line"]
     lines = [
         f"re-registering an 8.65 s 48 kHz WAV ({reg['clip_bytes'] / 1000:.0f} KB), round trip:",
+        _row("its sha256 alone (no upload, no decode)", reg["by_sha256_ms"]),
         _row("same bytes (upload alias, no decode)", reg["same_bytes_ms"]),
         _row("same samples, new bytes (decode + L1 hit)", reg["same_samples_new_bytes_ms"]),
         "a repeated line, time to first audio:",
