@@ -494,6 +494,16 @@ def plan_run(mode: str, sessions: int, sizes: LoadSizes, durations: list[float])
     return {"mode": mode, "sessions": sessions, "plans": plans}
 
 
+def ttfa_by_line(lines: list[dict[str, Any]]) -> dict[str, float]:
+    """First audio p50 per corpus line (its index, as a string: the key JSON gives it back
+    with, so a report made in this process reads it as one made from ``results.json``)."""
+    by_line: dict[str, list[float]] = {}
+    for line in lines:
+        if line["frames"]:
+            by_line.setdefault(str(line["line"]), []).append(line["frames"][0][0] - line["due"])
+    return {n: summary_ms(waits)["p50"] for n, waits in by_line.items()}
+
+
 async def arun_one(server: Server, run: dict[str, Any], sizes: LoadSizes) -> dict[str, Any]:
     await asettle(server)
     seen = await _arun_clients(
@@ -506,11 +516,7 @@ async def arun_one(server: Server, run: dict[str, Any], sizes: LoadSizes) -> dic
     )
     scored = score(run["mode"], seen["sessions"])
     if run["mode"] == "idle":
-        by_line: dict[int, list[float]] = {}
-        for line in seen["sessions"][0]["lines"]:
-            if line["frames"]:
-                by_line.setdefault(line["line"], []).append(line["frames"][0][0] - line["due"])
-        scored["ttfa_by_line_ms"] = {n: summary_ms(waits)["p50"] for n, waits in by_line.items()}
+        scored["ttfa_by_line_ms"] = ttfa_by_line(seen["sessions"][0]["lines"])
     cpu, wall = seen["server_cpu_s"], seen["wall_s"]
     ttfa_series = [
         round((line["frames"][0][0] - line["due"]) * 1000, 1)

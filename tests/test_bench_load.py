@@ -5,13 +5,15 @@ clock, no server, nothing timed."""
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
 
 from bench.harness import LoadSizes
-from bench.load import IDLE_GAP_S, Search, plan_run
+from bench.load import IDLE_GAP_S, Search, _idle_line, plan_run, ttfa_by_line
 from bench.realtime import (
+    LINES,
     DueLine,
     Player,
     chat_schedule,
@@ -44,6 +46,23 @@ def test_an_idle_run_says_every_line_in_turn_once_the_last_has_played() -> None:
         assert after == pytest.approx(due + durations[line] + IDLE_GAP_S)
     last_due, last = plan["lines"][-1]
     assert run["seconds"] == pytest.approx(last_due + durations[last] + IDLE_GAP_S)
+
+
+def test_the_idle_run_reports_each_lines_first_audio_from_memory_as_from_json() -> None:
+    lines = [
+        {"line": 3, "due": 10.0, "frames": [(10.05, 1)]},
+        {"line": 3, "due": 20.0, "frames": [(20.07, 1)]},
+        {"line": 3, "due": 30.0, "frames": [(30.06, 1)]},
+        {"line": 5, "due": 40.0, "frames": []},  # never answered: no figure
+    ]
+    scored = ttfa_by_line(lines)
+    assert scored == pytest.approx({"3": 60.0})
+    data = {"runs": [{"server": "livevoice", "mode": "idle", "ttfa_by_line_ms": scored}]}
+    for report in (data, json.loads(json.dumps(data))):
+        line = _idle_line(report)
+        assert line is not None
+        assert f'{LINES[3][:37]}..." ({len(LINES[3].split())} words) 60' in line
+        assert f'"{LINES[5][:37]}' in line and "n/a" in line
 
 
 def test_starts_fall_within_the_spread_and_the_schedule_is_fixed_by_its_seed() -> None:
