@@ -29,6 +29,7 @@ from protocol.client import (
     error_code,
 )
 from protocol.errors import (
+    ClipNeeded,
     EncoderFailed,
     NoVoice,
     RateLimited,
@@ -95,7 +96,9 @@ class Pair:
             return
         if isinstance(message, Speak):
             self.server.accept_speak(message)
-        elif isinstance(message, VoiceUse):
+        elif isinstance(message, VoiceUse) or (
+            isinstance(message, VoiceRegister) and message.sha256 is not None
+        ):
             self.requests.append(self.server._voice)  # type: ignore[arg-type]
 
     # --- the server's slow side -----------------------------------------------------------------
@@ -297,6 +300,29 @@ def test_failed_registration_falls_back_to_the_voice_before_it() -> None:
     assert pair.server.start_audio(job, 22050)
     pair.speak("m2")  # the session still has a voice
     assert _ends(pair.events) == []
+
+
+def test_a_register_by_hash_sends_no_clip_and_clip_needed_falls_back() -> None:
+    pair = Pair()
+    pair.register("v_a")
+    first = pair.requests[-1]
+    sha256 = "ab" * 32
+    request_id = pair.client.send_voice_register(VoiceRegister(sha256=sha256), None)
+    pair.speak("m1")  # admitted at once: the session is not waiting for a clip (R2)
+    new = pair.requests[-1]
+    assert new is not first and new.pending
+    job = pair.server.next_speak()
+    assert job is not None and pair.server.voice_of(job) is new
+    pair.server.voice_failed(new, ClipNeeded("send the clip"))
+    (failed,) = pair.pump()
+    assert isinstance(failed, VoiceRequestFailed) and failed.request_id == request_id
+    assert isinstance(failed.error, ClipNeeded)
+    assert pair.server.voice_of(job) is first  # R4, as for any failed request
+    # The client side keeps the two forms apart: a clip, or its hash and no clip.
+    with pytest.raises(ValueError):
+        pair.client.send_voice_register(VoiceRegister(sha256=sha256), CLIP)
+    with pytest.raises(ValueError):
+        pair.client.send_voice_register(VoiceRegister(), None)
 
 
 def test_failed_first_registration_fails_its_speaks_and_leaves_no_voice() -> None:
