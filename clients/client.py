@@ -438,7 +438,9 @@ class LivevoiceClient:
         ``by_sha256`` (the default): first ask by the SHA-256 of the bytes alone, and upload
         them only when the server answers ``clip_needed`` — a clip this tenant registered
         before (from this process or any other) is answered without sending ~1 MB again, a
-        new one costs one extra round trip. :attr:`clip_uploads` counts the uploads."""
+        new one costs one extra round trip. Only with a server whose ``ready.features`` lists
+        ``register_sha256``; an older one gets the upload. :attr:`clip_uploads` counts the
+        uploads."""
         if format is not None and format not in CLIP_FORMATS:
             # Checked here: the server would answer twice (unsupported, then unexpected_binary).
             raise Unsupported(f"clip format {format!r} is not one of {', '.join(CLIP_FORMATS)}")
@@ -789,7 +791,10 @@ class LivevoiceClient:
     ) -> VoiceReady:
         register = VoiceRegister(name=name, format=format, match=match)
         ready: VoiceReady | VoiceDeleted | None = None
-        if by_sha256:
+        # A server older than registering by hash would wait for a clip after it: ask it only
+        # of one that says it speaks it.
+        features = (self.ready.features if self.ready is not None else None) or ()
+        if by_sha256 and "register_sha256" in features:
             sha256 = hashlib.sha256(clip).hexdigest()
             with contextlib.suppress(ClipNeeded):
                 ready = await self._avoice_request(dataclasses.replace(register, sha256=sha256))

@@ -272,6 +272,14 @@ class Ready(Message):
     """The limits this server enforces (clip bytes/seconds, text length, queue depth...)."""
     formats: dict[str, Any] = field(default_factory=dict)
     """Accepted clip containers, output encodings and sample rates."""
+    features: list[str] | None = None
+    """Parts of protocol 1 added after its first form that this server speaks (``FEATURES``);
+    absent from an older server, which ignores the fields they add."""
+
+
+FEATURES = ("register_sha256",)
+"""``ready.features`` of this version: ``register_sha256``, a ``voice.register`` by ``sha256``
+without the clip (a server without it would wait for the clip that never comes)."""
 
 
 @dataclass(frozen=True, slots=True)

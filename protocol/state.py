@@ -130,6 +130,7 @@ from .errors import (
     VoiceFailed,
 )
 from .messages import (
+    FEATURES,
     PROTOCOL_VERSION,
     AudioEnd,
     AudioMarks,
@@ -526,7 +527,9 @@ class ServerProtocol:
             "frame_ms": frame_ms,
         }
         self._frame_ms = frame_ms
-        self._send(Ready(session_id=session_id, limits=limits, formats=formats))
+        self._send(
+            Ready(session_id=session_id, limits=limits, formats=formats, features=list(FEATURES))
+        )
 
     # --- voices (R3, R4, R6) ------------------------------------------------------------------
     def _start_voice(self, request_id: str | None) -> VoiceRequest:

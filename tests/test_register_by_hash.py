@@ -8,9 +8,13 @@ what these tests are about).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
+import aiohttp
+import orjson
 import pytest
+from aiohttp import web
 
 from clients.client import LivevoiceClient
 from live.encoder import EncoderWorker, SpeakerEncoder
@@ -20,8 +24,9 @@ from live.tenants import new_token
 from live.testing.server import free_port
 from live.values import VoiceSource
 from live.voices import VoiceStore
+from protocol.codec import encode
 from protocol.errors import ClipNeeded
-from protocol.messages import AudioEnd, Error, VoiceDeleted, VoiceReady
+from protocol.messages import AudioEnd, Error, Ready, VoiceDeleted, VoiceReady
 from tests.clips import reference_wav
 from tests.fakes import GatedEngine
 from tests.redis_server import RedisServer
@@ -163,3 +168,41 @@ async def test_the_python_client_uploads_a_clip_only_when_the_server_needs_it(
             assert ready.voice_id == new.voice_id and later.clip_uploads == 0
             utterance = await later.aspeak("Back with the same voice.")
             assert (await utterance.aresult()).samples > 0
+
+
+async def test_against_a_server_without_the_feature_the_client_uploads_at_once() -> None:
+    """A server older than registering by hash ignores ``sha256`` and waits for the clip: the
+    client must not ask it by hash. Played here by a minimal protocol-1 server that says no
+    ``features`` in ``ready`` and fails the test if a register comes without its clip."""
+    data = reference_wav()
+    seen: list[dict[str, object]] = []
+
+    async def old_server(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                frame = orjson.loads(msg.data)
+                seen.append(frame)
+                if frame["type"] == "hello":
+                    await ws.send_str(encode(Ready(session_id="old", limits={}, formats={})))
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                register = seen[-1]
+                assert register["type"] == "voice.register" and "sha256" not in register
+                ready = VoiceReady(voice_id="v_old", source="encoder", ms=1.0, duration_s=5.0)
+                await ws.send_str(encode(dataclasses.replace(ready, id=str(register["id"]))))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", old_server)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with LivevoiceClient(f"ws://127.0.0.1:{port}/ws", timeout=10) as client:
+            ready = await client.aregister(data, name="me")
+            assert ready.voice_id == "v_old" and client.clip_uploads == 1
+        assert [frame["type"] for frame in seen] == ["hello", "voice.register"]
+    finally:
+        await runner.cleanup()

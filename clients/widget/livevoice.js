@@ -77,6 +77,7 @@ export const SERVER_MESSAGES = {
     F("protocol", "int", false, () => PROTOCOL_VERSION),
     F("limits", "dict", false, () => ({})),
     F("formats", "dict", false, () => ({})),
+    F("features", "list:str"),
   ],
   "voice.ready": [
     F("voice_id", "str", true),

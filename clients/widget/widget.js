@@ -712,7 +712,9 @@ async function sendClip(c, { byHash = true } = {}) {
   if (c.sha256 === undefined) c.sha256 = await sha256Hex(c.bytes);
   const fields = { name: c.name, format: c.format };
   let ready = null;
-  if (byHash && c.sha256) {
+  // A server older than registering by hash would wait for a clip after it.
+  const speaksIt = ((hooks.ready && hooks.ready.features) || []).includes("register_sha256");
+  if (byHash && speaksIt && c.sha256) {
     try {
       ready = await voiceRequest([lv.voiceRegister({ ...fields, sha256: c.sha256 })]);
     } catch (exc) {
