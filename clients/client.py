@@ -812,8 +812,7 @@ class LivevoiceClient:
         done: asyncio.Future[VoiceReady | VoiceDeleted] = asyncio.get_running_loop().create_future()
         async with self._send_lock:
             if isinstance(message, VoiceRegister):
-                data = None if message.sha256 is not None else clip or b""
-                request_id = self._wire.send_voice_register(message, data)
+                request_id = self._wire.send_voice_register(message, clip)
             elif isinstance(message, VoiceUse):
                 request_id = self._wire.send_voice_use(message)
             else:

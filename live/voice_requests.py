@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from protocol.errors import InternalError, LivevoiceError
 from protocol.messages import VoiceDelete, VoiceReady, VoiceRegister, VoiceUse
 from protocol.state import ClipUpload, ServerProtocol, VoiceRequest
 
+from .audio import ClipQuality
 from .matching import VoiceMatching
 from .pinned import PinnedVoice
 from .settings import Limits
@@ -45,25 +47,11 @@ class VoiceRequests:
     async def aregister(self, tenant: str, upload: ClipUpload, request: VoiceRequest) -> None:
         """Decode the clip (unless these exact bytes were seen before), find or compute its
         embedding, remember it as the tenant's voice."""
-        start = time.perf_counter()
         limits = self._limits
-        try:
-            resolved, quality = await self._store.aresolve_upload(
-                upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
-            )
-            self._store.count_near_duplicate(tenant, resolved)
-            record = await self._store.aremember(tenant, resolved, upload.register.name)
-        except Exception as exc:
-            self.failed(request, exc)
-        else:
-            self._pin(
-                request,
-                record,
-                resolved,
-                start,
-                quality=quality.to_wire(),
-                match=upload.register.match is not False,
-            )
+        resolving = self._store.aresolve_upload(
+            upload.data, min_s=limits.min_clip_s, max_s=limits.max_clip_s
+        )
+        await self._aregistered(tenant, upload.register, request, resolving)
 
     async def aregister_sent(
         self, tenant: str, register: VoiceRegister, request: VoiceRequest
@@ -71,15 +59,29 @@ class VoiceRequests:
         """A ``voice.register`` by ``sha256``: the voice of the clip this tenant sent before,
         without the upload; ``clip_needed`` when it is not known (the client sends the clip)."""
         assert register.sha256 is not None  # the protocol checked it (R2)
-        start = time.perf_counter()
         limits = self._limits
+        resolving = self._store.aresolve_sent(
+            tenant,
+            bytes.fromhex(register.sha256),
+            min_s=limits.min_clip_s,
+            max_s=limits.max_clip_s,
+        )
+        await self._aregistered(tenant, register, request, resolving)
+
+    async def _aregistered(
+        self,
+        tenant: str,
+        register: VoiceRegister,
+        request: VoiceRequest,
+        resolving: Coroutine[Any, Any, tuple[ResolvedVoice, ClipQuality]],
+    ) -> None:
+        """A registration's embedding and clip quality (``resolving``), remembered as the
+        tenant's voice and pinned; or its error. Only an embedding the encoder just computed
+        can be a near-duplicate (``VoiceStore.count_near_duplicate``)."""
+        start = time.perf_counter()
         try:
-            resolved, quality = await self._store.aresolve_sent(
-                tenant,
-                bytes.fromhex(register.sha256),
-                min_s=limits.min_clip_s,
-                max_s=limits.max_clip_s,
-            )
+            resolved, quality = await resolving
+            self._store.count_near_duplicate(tenant, resolved)
             record = await self._store.aremember(tenant, resolved, register.name)
         except Exception as exc:
             self.failed(request, exc)
