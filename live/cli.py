@@ -55,7 +55,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="without --redis-url: an embedded Redis keeps voices here across restarts "
         "(LIVEVOICE_DATA_DIR; default ~/.local/share/livevoice; 'none' keeps them in memory)",
     )
-    serve.add_argument("--device", choices=["cpu", "cuda"], help="model device (default: auto)")
+    serve.add_argument(
+        "--device", choices=["cpu", "cuda"], help="speaker encoder device (default: auto)"
+    )
+    serve.add_argument(
+        "--tts-device",
+        choices=["cpu", "cuda"],
+        help="Piper's device (default cpu; cuda needs onnxruntime-gpu; LIVEVOICE_TTS_DEVICE)",
+    )
     serve.add_argument(
         "--tokens-file",
         help="file of tenant=sha256:<hex> lines (LIVEVOICE_TOKENS_FILE; LIVEVOICE_TOKENS for "
@@ -163,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             redis_url=args.redis_url,
             device=args.device,
+            tts_device=args.tts_device,
             tokens_file=args.tokens_file,
             data_dir=args.data_dir,
         )

@@ -163,13 +163,15 @@ async def aservices(
             engine = await asyncio.to_thread(
                 PiperEngine,
                 workers=settings.tts_workers,
-                use_cuda=settings.device == "cuda",
+                use_cuda=settings.tts_device == "cuda",
                 peak_normalize=not loudness,  # the loudness target sets the level instead
                 first_audio_s=settings.first_audio_target_s,
                 first_cut_words=settings.first_cut_words,
             )
             stack.push_async_callback(close_logged, "speech engine", engine.aclose)
-            log.info("speech engine %s at %d Hz", engine.name, engine.sample_rate)
+            log.info(
+                "speech engine %s at %d Hz on %s", engine.name, engine.sample_rate, engine.device
+            )
         if isinstance(engine, Alive):
             checks.append(ReadinessCheck("engine", _alive(engine)))
 

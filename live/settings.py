@@ -79,7 +79,11 @@ class Settings:
     semicolon, colon, dash), so its first audio comes sooner; 0 never cuts."""
     encoder_max_batch: int = 8
     device: str | None = None
-    """``cpu`` or ``cuda``; the default picks CUDA when present."""
+    """``cpu`` or ``cuda`` for the speaker encoder; the default picks CUDA when present."""
+    tts_device: str = "cpu"
+    """``cpu`` or ``cuda`` for Piper (``cuda``: onnxruntime's CUDA provider, which needs
+    onnxruntime-gpu in place of onnxruntime). The CPU by default even beside a GPU: on a lent
+    H200 Piper joe ran slower on CUDA than on one of its CPU cores (docs/gpu.md)."""
     frame_ms: int = 100
     """Audio per binary frame."""
     tokens: str | None = None
@@ -122,6 +126,11 @@ class Settings:
     true_peak_dbtp: float = -1.0
     """Ceiling no message's true peak (4x oversampled) goes above."""
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        for name, value in (("device", self.device), ("tts_device", self.tts_device)):
+            if value not in (None, "cpu", "cuda") or (name == "tts_device" and value is None):
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected cpu or cuda, not {value!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

