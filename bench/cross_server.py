@@ -42,7 +42,7 @@ from protocol.codec import AudioFrame
 from protocol.messages import AudioEnd, AudioStart, Speak
 
 from .fanout_client import _ajoin
-from .harness import ROOT, UNTHROTTLED, WsSession
+from .harness import UNTHROTTLED, WsSession, child_env
 from .standalone import run_standalone
 
 BEGIN, END = "<!-- bench:cross_server -->", "<!-- /bench:cross_server -->"
@@ -81,7 +81,7 @@ class Served:
 
     async def astart(self, timeout_s: float = 300) -> None:
         self.port = free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = child_env()
         env |= {f"LIVEVOICE_{k.upper()}": str(v) for k, v in UNTHROTTLED.items()}
         log = (self.logs / f"{self.name}-{self.port}.log").open("wb")
         began = time.monotonic()

