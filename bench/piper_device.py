@@ -62,7 +62,7 @@ async def _measure(device: str) -> dict[str, Any]:
                     "total_ms": round(1000 * statistics.median(r[2] for r in runs), 1),
                 }
             )
-        return {"device": engine.device, "rate": engine.sample_rate, "lines": lines, "pcm": audio}
+        return {"rate": engine.sample_rate, "lines": lines, "pcm": audio}
     finally:
         await engine.aclose()
 

@@ -128,8 +128,11 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        for name, value in (("device", self.device), ("tts_device", self.tts_device)):
-            if value not in (None, "cpu", "cuda") or (name == "tts_device" and value is None):
+        for name, value, allowed in (
+            ("device", self.device, (None, "cpu", "cuda")),  # None: CUDA when present
+            ("tts_device", self.tts_device, ("cpu", "cuda")),
+        ):
+            if value not in allowed:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected cpu or cuda, not {value!r}")
 
     @classmethod

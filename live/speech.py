@@ -417,7 +417,7 @@ class PiperEngine:
             config_path = Path(f"{model_path}.json")
         providers = [CUDA_PROVIDER] if use_cuda else ["CPUExecutionProvider"]
         if use_cuda:
-            _require_cuda(onnxruntime.get_available_providers())
+            require_cuda(onnxruntime.get_available_providers())
             preload_cuda_libraries(onnxruntime)
         model, self.aligned = _with_alignments(model_path)
 
@@ -434,7 +434,7 @@ class PiperEngine:
         config = PiperConfig.from_dict(orjson.loads(Path(config_path).read_bytes()))
         narrow = session(1)
         if use_cuda:  # onnxruntime falls back to the CPU when the provider fails to load
-            _require_cuda(narrow.get_providers())
+            require_cuda(narrow.get_providers())
         self.device = "cuda" if use_cuda else "cpu"
         self._sessions = {1: narrow}
         if workers > 1 and not use_cuda:
@@ -746,17 +746,17 @@ class PiperEngine:
 CUDA_PROVIDER = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "DEFAULT"})
 """Piper on onnxruntime's CUDA provider with cuDNN's convolution algorithm fixed, not searched:
 every sentence is a new input length. On a lent H200 (onnxruntime-gpu 1.31.1, CUDA 13), the
-corpus sentences took 169 ms each (median) so, 270 ms with piper-tts's ``HEURISTIC`` and
-~650 ms with the default exhaustive search (docs/gpu.md)."""
+corpus sentences took 169 ms each (median) with it, 270 ms with piper-tts's ``HEURISTIC``, and
+one sentence ~650 ms with the default exhaustive search (docs/gpu.md)."""
 
 
-def _require_cuda(providers: list[str]) -> None:
+def require_cuda(providers: list[str]) -> None:
     """Asked for CUDA, a plain error where onnxruntime would fall back to the CPU."""
     if "CUDAExecutionProvider" not in providers:
         raise RuntimeError(
             f"Piper cannot run on CUDA: onnxruntime's CUDA provider did not load (providers "
             f"here: {providers}); install onnxruntime-gpu in place of onnxruntime (README, "
-            "'On a GPU'), or serve with --device cpu"
+            "Sizing), or serve with --tts-device cpu"
         )
 
 
